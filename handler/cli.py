@@ -1,0 +1,199 @@
+"""``pathway-explain``: explain image files offline, writing the server's JSON document and PNGs per image.
+
+Exit status: 0 when every image was explained, 1 when some could not be (each
+is named on stderr, the others are still written), 2 for a usage error (bad
+option, unknown model) before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .engine.methods import METHODS
+from .engine.pathways import SELECTIONS
+from .engine.reduce import REDUCTIONS
+from .errors import ExplainError
+from .imaging import COLORMAPS, POLARITIES
+from .models import ModelLoadError, builtin_names, get_spec, spec_for_architecture
+from .schema import Limits, attach_paths, parse_options
+from .service import ExplanationService
+
+PROG = "pathway-explain"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Explain an image classifier's predictions with critical pathways and pathway gradient "
+                    "(Khakzar et al., CVPR 2021). Writes STEM.json, STEM.heatmap.png and STEM.overlay.png "
+                    "per image into --out.")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    p.add_argument("--out", type=Path, help="output directory (created if missing)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=None,
+                       help=f"built-in model ({', '.join(builtin_names())}) or a model spec .json "
+                            "(default: efficientnet_lite0)")
+    model.add_argument("--arch", help="a torchvision or timm architecture name, e.g. resnet50 or timm:resnet50d")
+    model.add_argument("--weights", help="with --arch: a state-dict file (loaded with weights_only=True); "
+                                         "omitted: random weights")
+    model.add_argument("--labels", help="with --arch: class names, one per line or a JSON list/index_to_name.json "
+                                        "(default: ImageNet)")
+    model.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    ex = p.add_argument_group("explanation")
+    ex.add_argument("--method", default=None, help=f"one of {', '.join(METHODS.names())} (default: pathway_gradient)")
+    ex.add_argument("--sparsity", default=None, help="fraction of neurons removed from the pathway, in [0, 1) "
+                                                     "(default: the model's, 0.7)")
+    ex.add_argument("--target", default="auto", help="auto (predicted class), a class index or a label name")
+    ex.add_argument("--reduce", default=None, help=f"channel reduction: {', '.join(REDUCTIONS.names())}")
+    ex.add_argument("--selection", default=None, help=f"pathway selection: {', '.join(SELECTIONS.names())}")
+    ex.add_argument("--top-k", default=None, help="predictions to list (default 5)")
+    ex.add_argument("--colormap", default=None, help=f"heatmap colours: {', '.join(COLORMAPS)}")
+    ex.add_argument("--polarity", default=None, help=f"what the heatmap shows: {', '.join(POLARITIES)}")
+    ex.add_argument("--save-attribution", action="store_true",
+                    help="also write STEM.attribution.npy (float32 [H, W] at model input resolution, signed, "
+                         "max |value| = 1)")
+    ex.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
+    p.add_argument("--list", action="store_true", help="list models, methods, selections and reductions, and exit")
+    return p
+
+
+class UsageError(Exception):
+    pass
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def _spec(args):
+    if args.arch:
+        if args.model:
+            raise UsageError("give either --model or --arch, not both")
+        if args.weights and not Path(args.weights).is_file():
+            raise UsageError(f"weights file not found: {args.weights}")
+        if args.labels and not Path(args.labels).is_file():
+            raise UsageError(f"labels file not found: {args.labels}")
+        return spec_for_architecture(args.arch, weights=args.weights, labels=args.labels or "imagenet")
+    if args.weights or args.labels:
+        raise UsageError("--weights and --labels go with --arch")
+    return get_spec(args.model or "efficientnet_lite0")
+
+
+def _stems(paths: Sequence[Path]) -> list:
+    """Output names per image; repeated file names get a numeric suffix so nothing is overwritten."""
+    seen: dict = {}
+    out = []
+    for path in paths:
+        stem = path.stem
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        out.append(stem if n == 0 else f"{stem}-{n + 1}")
+    return out
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print("models:     " + ", ".join(builtin_names()))
+        print("methods:    " + ", ".join(METHODS.names()))
+        print("selections: " + ", ".join(SELECTIONS.names()))
+        print("reductions: " + ", ".join(REDUCTIONS.names()))
+        print("colormaps:  " + ", ".join(COLORMAPS))
+        return 0
+    if not args.images:
+        parser.error("no images given")
+    if args.out is None:
+        parser.error("--out DIR is required")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+
+    outputs = ["heatmap", "overlay", "pathway"] + (["attribution"] if args.save_attribution else [])
+    raw = {"method": args.method, "target": args.target, "sparsity": args.sparsity, "reduce": args.reduce,
+           "selection": args.selection, "top_k": args.top_k, "colormap": args.colormap,
+           "polarity": args.polarity, "outputs": outputs}
+    try:
+        options = parse_options({k: v for k, v in raw.items() if v is not None}, Limits())
+        device = _device(args.device)
+        service = ExplanationService.from_spec(_spec(args), device=device)
+        # Validate what does not depend on the image before reading any file.
+        from .engine import ExplainRequest
+
+        service.explainer.resolve_target(service.explainer.validate(ExplainRequest(
+            target=options.target, method=options.method, sparsity=options.sparsity,
+            reduce=options.reduce, selection=options.selection)).target)
+    except (ExplainError, ModelLoadError, UsageError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+
+    paths = [Path(p) for p in args.images]
+    stems = _stems(paths)
+    failures = 0
+    decoded = []
+    for path, stem in zip(paths, stems):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            print(f"{PROG}: error: {path}: no such file", file=sys.stderr)
+            failures += 1
+            continue
+        except (IsADirectoryError, PermissionError) as err:
+            print(f"{PROG}: error: {path}: cannot read: {err.strerror}", file=sys.stderr)
+            failures += 1
+            continue
+        try:
+            decoded.append((path, stem, service.decode(data)))
+        except ExplainError as err:
+            print(f"{PROG}: error: {path}: {err}", file=sys.stderr)
+            failures += 1
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(decoded), args.batch_size):
+        chunk = decoded[start:start + args.batch_size]
+        results = service.explain([image for _, _, image in chunk], [options] * len(chunk),
+                                  attribution_dtype=np.float32)
+        for (path, stem, _), result in zip(chunk, results):
+            if isinstance(result, ExplainError):
+                print(f"{PROG}: error: {path}: {result}", file=sys.stderr)
+                failures += 1
+                continue
+            written = {}
+            for name, data in result.artifacts.items():
+                suffix = "attribution.npy" if name == "attribution" else f"{name}.png"
+                (args.out / f"{stem}.{suffix}").write_bytes(data)
+                written[name] = f"{stem}.{suffix}"
+            document = attach_paths(result.document, written)
+            document["source"] = str(path)
+            (args.out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+            top = document["predictions"][0]
+            target = document["explanation"]["target"]
+            print(f"{path}: predicted {top['label']} ({top['probability']:.3f}); explained "
+                  f"{target['label']} -> {args.out / stem}.*")
+    return 1 if failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

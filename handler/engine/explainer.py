@@ -1,0 +1,300 @@
+"""The engine's front door: a batch of normalised images in, one :class:`Explanation` per sample out.
+
+Knows nothing of HTTP, TorchServe or files. It owns the model's state while it
+works (eval mode, frozen parameters, gradients enabled even under
+``torch.inference_mode``) and restores it afterwards, also when a call fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InvalidOption, InvalidTarget
+from .methods import METHODS, Attribution
+from .pathways import SELECTIONS
+from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
+from .registry import UnknownNameError
+from .sites import instrument, out_of_place_transform
+
+Target = Union[int, str, None]
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What one sample asks for; ``None`` fields fall back to the explainer's defaults."""
+
+    target: Target = None
+    method: Optional[str] = None
+    sparsity: Optional[float] = None
+    reduce: Optional[str] = None
+    selection: Optional[str] = None
+    options: tuple = ()  # extra method options as sorted (name, value) pairs
+
+
+@dataclass
+class Explanation:
+    """One sample's explanation, with the full network's class probabilities beside it."""
+
+    method: str
+    reduce: str
+    attribution: np.ndarray  # [H, W] float32, signed, divided by max |·| (all zero if the map is zero)
+    attribution_scale: float  # max |·| of the reduced map before normalisation
+    target: int
+    target_label: str
+    probabilities: np.ndarray  # [K] softmax of the full network
+    pathway_probability: Optional[float] = None  # target's softmax probability along the pathway
+    pathway: Optional[dict] = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def target_probability(self) -> float:
+        return float(self.probabilities[self.target])
+
+
+@contextlib.contextmanager
+def explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode, frozen parameters and autograd on, for the duration; the model's own state comes back after."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class Explainer:
+    """Explains a classifier's predictions; batch in, one explanation per sample out."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        labels: Optional[Sequence[str]] = None,
+        device: Union[str, torch.device, None] = None,
+        default_method: str = "pathway_gradient",
+        default_sparsity: float = 0.7,
+        default_reduce: str = "max_abs",
+        default_selection: str = "contribution",
+    ):
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.model = model.to(self.device)
+        self.labels = list(labels) if labels is not None else None
+        self._label_index = _label_index(self.labels) if self.labels else {}
+        self.defaults = ExplainRequest(
+            target=None, method=default_method, sparsity=default_sparsity,
+            reduce=default_reduce, selection=default_selection)
+        self.validate(self.defaults)
+        self._checked = False
+
+    # -- validation ---------------------------------------------------------
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return len(self.labels) if self.labels else None
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if self.labels else str(index)
+
+    def resolve_target(self, target: Target) -> int:
+        """A class index (or ``-1`` for "the predicted class") from an index or a label name."""
+        if target is None or (isinstance(target, str) and target.strip().lower() in ("", "auto", "predicted")):
+            return -1
+        if isinstance(target, bool):
+            raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
+        if isinstance(target, str):
+            text = target.strip()
+            if text.lstrip("-").isdigit():
+                return self.resolve_target(int(text))
+            hits = self._label_index.get(text.lower())
+            if not hits:
+                raise InvalidTarget(f"unknown class label {text!r}" + (
+                    "" if self.labels else " (this model has no class names; give a class index)"),
+                    type="unknown_label")
+            if len(hits) > 1:
+                raise InvalidTarget(
+                    f"class label {text!r} names several classes ({', '.join(map(str, hits))}); give the index",
+                    type="ambiguous_label")
+            return hits[0]
+        if isinstance(target, float) and target.is_integer():
+            target = int(target)
+        if not isinstance(target, int):
+            raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
+        limit = self.num_classes
+        if target < 0 or (limit is not None and target >= limit):
+            bound = f"0..{limit - 1}" if limit is not None else "a non-negative index"
+            raise InvalidTarget(f"target {target} is out of range: this model's classes are {bound}",
+                                type="target_out_of_range")
+        return target
+
+    def validate(self, request: ExplainRequest) -> ExplainRequest:
+        """The request with defaults filled in; raises :class:`InvalidOption` naming what is wrong."""
+        method = request.method or self.defaults.method
+        reduce = request.reduce or self.defaults.reduce
+        selection = request.selection or self.defaults.selection
+        sparsity = self.defaults.sparsity if request.sparsity is None else request.sparsity
+        for registry, name in ((METHODS, method), (REDUCTIONS, reduce), (SELECTIONS, selection)):
+            try:
+                registry.get(name)
+            except UnknownNameError as err:
+                raise InvalidOption(str(err), type=f"unknown_{registry.what.split()[-1]}") from None
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise InvalidOption(f"sparsity must be a number in [0, 1), not {sparsity!r}", type="invalid_sparsity")
+        sparsity = float(sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise InvalidOption(f"sparsity must be in [0, 1), got {sparsity}", type="invalid_sparsity")
+        return ExplainRequest(request.target, method, sparsity, reduce, selection, request.options)
+
+    # -- inference ----------------------------------------------------------
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities ``[B, K]`` of the full network (no gradients)."""
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.inference_mode():
+                return self.model(x.to(self.device)).float().softmax(dim=1)
+        finally:
+            self.model.train(was_training)
+
+    def explain(
+        self,
+        x: torch.Tensor,
+        targets: Union[Target, Sequence[Target]] = None,
+        *,
+        method: Optional[str] = None,
+        sparsity: Union[float, Sequence[float], None] = None,
+        reduce: Optional[str] = None,
+        selection: Optional[str] = None,
+        **options,
+    ) -> list:
+        """Explain each sample of ``x`` ``[B, C, H, W]`` (normalised) for its target.
+
+        ``targets``: one per sample, or one for all; ``None``/``"auto"`` means the
+        predicted class. ``sparsity`` may be one value or one per sample.
+        """
+        batch = x.shape[0]
+        targets = _per_sample(targets, batch, "targets")
+        sparsities = _per_sample(sparsity, batch, "sparsity")
+        opts = tuple(sorted(options.items()))
+        requests = [
+            ExplainRequest(t, method, s, reduce, selection, opts) for t, s in zip(targets, sparsities)]
+        return self.explain_requests(x, requests)
+
+    def explain_requests(self, x: torch.Tensor, requests: Sequence[ExplainRequest]) -> list:
+        """One explanation per request; requests that share a method and options run as one batch."""
+        if x.dim() != 4 or x.shape[0] != len(requests):
+            raise ValueError(f"expected a [B, C, H, W] batch with one request per sample, got {tuple(x.shape)} "
+                             f"and {len(requests)} requests")
+        requests = [self.validate(r) for r in requests]
+        resolved = [self.resolve_target(r.target) for r in requests]
+        groups: dict = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.method, r.selection, r.options), []).append(i)
+        results: list = [None] * len(requests)
+        x = x.to(self.device)
+        for (method, selection, options), index in groups.items():
+            sub = [requests[i] for i in index]
+            explanations = self._run(
+                x[index], torch.tensor([resolved[i] for i in index], device=self.device),
+                method, selection, dict(options), sub)
+            for i, e in zip(index, explanations):
+                results[i] = e
+        return results
+
+    def _run(self, x, targets, method_name, selection, options, requests) -> list:
+        method = METHODS.get(method_name)
+        kwargs = dict(options)
+        if method.uses_pathway:
+            kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection)
+        with explaining(self.model):
+            if not self._checked:
+                self._check_instrumentation(x[:1])
+            attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
+        return self._package(attribution, method_name, requests)
+
+    def _package(self, attribution: Attribution, method: str, requests) -> list:
+        probs = attribution.logits.float().softmax(dim=1)
+        pathway_probs = None
+        if attribution.pathway_logits is not None:
+            pathway_probs = attribution.pathway_logits.float().softmax(dim=1).gather(
+                1, attribution.targets[:, None]).squeeze(1).cpu().tolist()
+        maps, scales = {}, {}
+        for name in {r.reduce for r in requests}:
+            reduced, scale = normalise(REDUCTIONS.get(name)(attribution.maps.detach()).float())
+            maps[name], scales[name] = reduced.cpu().numpy(), scale.cpu().tolist()
+        summaries = attribution.pathway.summaries() if attribution.pathway is not None else None
+        probs = probs.cpu().numpy()
+        targets = attribution.targets.cpu().tolist()
+        out = []
+        for b, request in enumerate(requests):
+            notes = []
+            if summaries is not None and not summaries[b]["locally_linear"]:
+                notes.append(
+                    "the model has non-piecewise-linear activations ("
+                    + ", ".join(summaries[b]["nonlinear_activations"])
+                    + "): the pathway is masked as usual, but it is not exactly linear around the input")
+            if scales[request.reduce][b] <= ZERO_MAP_EPS:
+                notes.append("the attribution is zero: the target logit does not depend on the input along "
+                             "this path (at high sparsity a pathway can lose the target)")
+            out.append(Explanation(
+                method=method,
+                reduce=request.reduce,
+                attribution=maps[request.reduce][b].astype(np.float32),
+                attribution_scale=float(scales[request.reduce][b]),
+                target=int(targets[b]),
+                target_label=self.label(int(targets[b])),
+                probabilities=probs[b],
+                pathway_probability=None if pathway_probs is None else float(pathway_probs[b]),
+                pathway=None if summaries is None else summaries[b],
+                notes=notes,
+            ))
+        return out
+
+    def _check_instrumentation(self, x: torch.Tensor) -> None:
+        """Once per explainer: an instrumented forward must reproduce the plain one exactly.
+
+        Catches models that rely on an activation modifying its input in place
+        without using its return value, which out-of-place sites cannot reproduce.
+        """
+        with torch.no_grad():
+            plain = self.model(x)
+            with instrument(self.model, out_of_place_transform):
+                traced = self.model(x)
+        if not torch.allclose(plain, traced, rtol=1e-5, atol=1e-5):
+            raise RuntimeError(
+                "instrumenting this model's activations changes its output; it probably relies on an "
+                "in-place activation's side effect without using the activation's return value")
+        self._checked = True
+
+
+def _per_sample(value, batch: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != batch:
+            raise InvalidOption(f"{what}: got {len(value)} values for a batch of {batch}")
+        return list(value)
+    return [value] * batch
+
+
+def _label_index(labels: Sequence[str]) -> dict:
+    index: dict = {}
+    for i, name in enumerate(labels):
+        index.setdefault(name.lower(), []).append(i)
+    return index
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

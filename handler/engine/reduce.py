@@ -1,0 +1,40 @@
+"""Channel reductions: a ``[B, C, H, W]`` attribution becomes one value per pixel ``[B, H, W]``."""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import Registry
+
+REDUCTIONS: Registry = Registry("channel reduction")
+
+
+@REDUCTIONS.register("max_abs")
+def max_abs(maps: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the signed channel value of largest magnitude (the authors' evaluation)."""
+    index = maps.abs().argmax(dim=1, keepdim=True)
+    return maps.gather(1, index).squeeze(1)
+
+
+@REDUCTIONS.register("abs_sum")
+def abs_sum(maps: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the sum of absolute channel values."""
+    return maps.abs().sum(dim=1)
+
+
+@REDUCTIONS.register("l2")
+def l2(maps: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the Euclidean norm over channels."""
+    return maps.pow(2).sum(dim=1).sqrt()
+
+
+#: Below this max |value| a map is reported as all zero rather than blown up by normalisation.
+ZERO_MAP_EPS = 1e-12
+
+
+def normalise(maps: torch.Tensor) -> tuple:
+    """Divide each map by its max |value|; returns (maps in [-1, 1], the per-sample scale)."""
+    scale = maps.flatten(1).abs().amax(dim=1)
+    safe = torch.where(scale > ZERO_MAP_EPS, scale, torch.ones_like(scale))
+    out = torch.where((scale > ZERO_MAP_EPS)[:, None, None], maps / safe[:, None, None], torch.zeros_like(maps))
+    return out, scale

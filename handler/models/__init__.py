@@ -1,0 +1,316 @@
+"""Models described as data: architecture, weights, preprocessing, class names and explanation defaults.
+
+Serving another classifier means writing a spec (a JSON file, or the CLI's
+``--arch/--weights/--labels``), not code. Built-in specs live beside this file
+as ``<name>.json``.
+
+Architectures are ``"timm:<name>"`` or ``"torchvision:<name>"`` (a bare name is
+looked up in torchvision, then timm). Weights come from a state-dict file
+(always loaded with ``weights_only=True``), a file shipped inside an installed
+Python package, or nowhere (random initialisation, for speed benchmarks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import UnknownModel
+
+SPEC_DIR = Path(__file__).parent
+
+
+class ModelLoadError(RuntimeError):
+    """The spec names something that cannot be built or loaded; the message says what."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalise per channel."""
+
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a state dict comes from and how its keys meet the architecture's."""
+
+    file: Optional[str] = None  # a path (relative paths resolve against the spec's folder)
+    package: Optional[str] = None  # with ``file``: a path inside this installed package
+    match: str = "name"  # "name": keys must agree; "order": same tensors in the same order, names differ
+    seed: int = 0  # random initialisation seed when no file is given
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str
+    weights: Weights = field(default_factory=Weights)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    labels: Any = "imagenet"  # "imagenet", a list of names, or {"file": path}
+    num_classes: Optional[int] = None
+    defaults: dict = field(default_factory=lambda: {"method": "pathway_gradient", "sparsity": 0.7,
+                                                     "reduce": "max_abs"})
+    description: str = ""
+    base_dir: Optional[str] = None  # where relative paths resolve; not serialised
+
+    @classmethod
+    def from_dict(cls, data: dict, base_dir: Union[str, Path, None] = None) -> "ModelSpec":
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"$schema"}
+        if unknown:
+            raise ModelLoadError(f"model spec has unknown fields: {', '.join(sorted(unknown))}")
+        for required in ("name", "architecture"):
+            if not data.get(required):
+                raise ModelLoadError(f"model spec needs a {required!r}")
+        data.pop("$schema", None)
+        weights = data.pop("weights", None) or {}
+        prep = data.pop("preprocessing", None) or {}
+        try:
+            weights = Weights(**weights)
+            prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()})
+        except TypeError as err:
+            raise ModelLoadError(f"model spec: {err}") from None
+        if weights.match not in ("name", "order"):
+            raise ModelLoadError(f"weights.match must be 'name' or 'order', not {weights.match!r}")
+        defaults = {"method": "pathway_gradient", "sparsity": 0.7, "reduce": "max_abs"}
+        defaults.update(data.pop("defaults", None) or {})
+        return cls(weights=weights, preprocessing=prep, defaults=defaults,
+                   base_dir=str(base_dir) if base_dir is not None else None, **data)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "ModelSpec":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelLoadError(f"model spec file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ModelLoadError(f"model spec {path} is not valid JSON: {err}") from None
+        return cls.from_dict(data, base_dir=path.parent)
+
+    def to_dict(self) -> dict:
+        out = {
+            "name": self.name,
+            "architecture": self.architecture,
+            "weights": self.weights.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "labels": self.labels,
+            "defaults": dict(self.defaults),
+        }
+        if self.num_classes is not None:
+            out["num_classes"] = self.num_classes
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self, relative: str) -> Path:
+        path = Path(relative)
+        if not path.is_absolute() and self.base_dir is not None:
+            path = Path(self.base_dir) / path
+        return path
+
+
+def builtin_names() -> list:
+    return sorted(p.stem for p in SPEC_DIR.glob("*.json"))
+
+
+def get_spec(name_or_path: Union[str, Path, ModelSpec]) -> ModelSpec:
+    """A built-in spec by name, or a spec file by path."""
+    if isinstance(name_or_path, ModelSpec):
+        return name_or_path
+    text = str(name_or_path)
+    builtin = SPEC_DIR / f"{text}.json"
+    if "/" not in text and builtin.is_file():
+        return ModelSpec.from_file(builtin)
+    if text.endswith(".json") or Path(text).is_file():
+        return ModelSpec.from_file(text)
+    raise UnknownModel(
+        f"unknown model {text!r}: built-in models are {', '.join(builtin_names())}; "
+        "or give a model spec .json file, or --arch with --weights")
+
+
+def spec_for_architecture(
+    architecture: str,
+    *,
+    weights: Optional[str] = None,
+    labels: Any = "imagenet",
+    name: Optional[str] = None,
+    preprocessing: Optional[Preprocessing] = None,
+    sparsity: float = 0.7,
+) -> ModelSpec:
+    """A spec for a torchvision or timm architecture with a user's state dict (or random weights)."""
+    labels_value: Any = labels
+    if isinstance(labels, (str, Path)) and str(labels) != "imagenet":
+        labels_value = {"file": str(Path(labels).resolve())}
+    return ModelSpec(
+        name=name or architecture.split(":")[-1],
+        architecture=architecture,
+        weights=Weights(file=str(Path(weights).resolve())) if weights else Weights(),
+        preprocessing=preprocessing or Preprocessing(),
+        labels=labels_value,
+        defaults={"method": "pathway_gradient", "sparsity": sparsity, "reduce": "max_abs"},
+    )
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def imagenet_labels() -> list:
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def load_labels(spec: ModelSpec) -> Optional[list]:
+    labels = spec.labels
+    if labels is None:
+        return None
+    if labels == "imagenet":
+        return imagenet_labels()
+    if isinstance(labels, list):
+        return [str(x) for x in labels]
+    if isinstance(labels, dict) and "file" in labels:
+        return read_labels_file(spec.resolve(labels["file"]))
+    raise ModelLoadError(f"labels must be 'imagenet', a list of names or {{'file': path}}, not {labels!r}")
+
+
+def read_labels_file(path: Union[str, Path]) -> list:
+    """Class names from a text file (one per line) or JSON (a list, or TorchServe's ``index_to_name.json``)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ModelLoadError(f"labels file not found: {path}") from None
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, list):
+            return [str(x) for x in data]
+        if isinstance(data, dict):
+            try:
+                items = sorted(((int(k), v) for k, v in data.items()), key=lambda kv: kv[0])
+            except ValueError:
+                raise ModelLoadError(f"{path}: keys of a labels mapping must be class indices") from None
+            if [k for k, _ in items] != list(range(len(items))):
+                raise ModelLoadError(f"{path}: class indices must run 0..{len(items) - 1} without gaps")
+            return [str(v[-1] if isinstance(v, list) else v) for _, v in items]
+        raise ModelLoadError(f"{path}: labels JSON must be a list or an index-to-name mapping")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def build_architecture(architecture: str, num_classes: Optional[int]) -> nn.Module:
+    source, _, name = architecture.rpartition(":")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if source in ("", "torchvision"):
+        import torchvision
+
+        if name in torchvision.models.list_models():
+            extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+            return torchvision.models.get_model(name, weights=None, **extra, **kwargs)
+        if source == "torchvision":
+            raise ModelLoadError(f"torchvision has no model {name!r}")
+    if source in ("", "timm"):
+        import timm
+
+        if timm.is_model(name):
+            return timm.create_model(name, pretrained=False, **kwargs)
+        raise ModelLoadError(f"no torchvision or timm architecture is called {name!r}")
+    raise ModelLoadError(f"architecture must be 'torchvision:<name>', 'timm:<name>' or a bare name, not {architecture!r}")
+
+
+def weights_path(spec: ModelSpec) -> Optional[Path]:
+    w = spec.weights
+    if w.file is None:
+        return None
+    if w.package is not None:
+        try:
+            root = importlib.resources.files(w.package)
+        except ModuleNotFoundError:
+            raise ModelLoadError(f"the weights package {w.package!r} is not installed") from None
+        return Path(str(root.joinpath(w.file)))
+    return spec.resolve(w.file)
+
+
+def read_state_dict(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelLoadError(f"weights file not found: {path}") from None
+    except Exception as err:  # unpickling refused, corrupt file, ...
+        raise ModelLoadError(f"cannot read weights {path} as a state dict (weights_only=True): {err}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def apply_state_dict(model: nn.Module, state: dict, match: str) -> None:
+    own = model.state_dict()
+    if match == "order":
+        if len(own) != len(state):
+            raise ModelLoadError(f"weights list {len(state)} tensors, the architecture {len(own)}")
+        mapped = {}
+        for (key, target), (src_key, value) in zip(own.items(), state.items()):
+            if target.shape != value.shape:
+                raise ModelLoadError(f"weights tensor {src_key} {tuple(value.shape)} does not fit "
+                                     f"{key} {tuple(target.shape)}")
+            mapped[key] = value
+        state = mapped
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(
+            "weights do not match the architecture: "
+            + (f"missing {len(missing)} (e.g. {missing[0]}) " if missing else "")
+            + (f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else ""))
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    module: nn.Module
+    labels: Optional[list]
+
+
+def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu") -> LoadedModel:
+    """Build the architecture, load its weights, freeze it and put it in eval mode on ``device``."""
+    spec = get_spec(spec)
+    labels = load_labels(spec)
+    num_classes = spec.num_classes or (len(labels) if labels else None)
+    if spec.weights.file is None:
+        torch.manual_seed(spec.weights.seed)
+    try:
+        model = build_architecture(spec.architecture, num_classes)
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(f"cannot build {spec.architecture!r}: {err}") from None
+    path = weights_path(spec)
+    if path is not None:
+        apply_state_dict(model, read_state_dict(path), spec.weights.match)
+    model.eval().requires_grad_(False).to(device)
+    return LoadedModel(spec, model, labels)

@@ -1,0 +1,257 @@
+"""The request options and the response document, defined once for the CLI and the server.
+
+Options arrive as JSON fields, multipart fields, ``X-Explain-*`` headers or CLI
+flags; all of them go through :func:`parse_options`, so a value means the same
+thing everywhere and a bad one gets the same message everywhere.
+
+Response (``/explanations`` and ``pathway-explain``'s ``STEM.json``)::
+
+    {
+      "model": "efficientnet_lite0",
+      "predictions": [{"index": 967, "label": "espresso", "probability": 0.957}, ...],
+      "explanation": {
+        "method": "pathway_gradient",
+        "target": {"index": 967, "label": "espresso", "probability": 0.957, "pathway_probability": 0.953},
+        "reduce": "max_abs",
+        "attribution_scale": 0.0123,
+        "notes": [],
+        "pathway": {"selection": "contribution", "requested_sparsity": 0.7, "realised_sparsity": 0.7001,
+                    "kept_neurons": ..., "total_neurons": ..., "locally_linear": true,
+                    "nonlinear_activations": [], "sites": [{"name", "kind", "shape", "kept", "total",
+                    "top_channels"}, ...]},
+        "heatmap": {"media_type": "image/png", "encoding": "base64", "data": "..."},   # server
+        "heatmap": {"media_type": "image/png", "path": "coffee.heatmap.png"}           # CLI
+      },
+      "preprocessing": {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": [...], "std": [...],
+                        "image_size": [w, h], "crop_box": [left, top, right, bottom]}
+    }
+
+``/predictions`` answers ``{"model", "predictions"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .engine.methods import METHODS
+from .errors import InvalidOption
+from .imaging import COLORMAPS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, POLARITIES, ImageLimits
+
+OUTPUTS = ("heatmap", "overlay", "attribution", "pathway")
+DEFAULT_OUTPUTS = ("heatmap", "pathway")
+MEDIA_TYPES = {"heatmap": "image/png", "overlay": "image/png", "attribution": "application/x-npy"}
+OPTION_NAMES = ("method", "target", "top_k", "sparsity", "reduce", "outputs", "colormap", "polarity", "selection")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side defaults and caps (from the model's ``model-config.yaml``); the CLI uses the defaults."""
+
+    default_top_k: int = 5
+    max_top_k: int = 100
+    allowed_methods: Optional[tuple] = None  # None: every registered method
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    min_image_side: int = DEFAULT_MIN_SIDE
+    image_formats: tuple = DEFAULT_FORMATS
+    default_outputs: tuple = DEFAULT_OUTPUTS
+    default_colormap: str = "inferno"
+    method_caps: dict = field(default_factory=dict)  # e.g. {"steps": 64}: numeric method options' maxima
+
+    @classmethod
+    def from_config(cls, config: Optional[Mapping[str, Any]]) -> "Limits":
+        config = dict(config or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"unknown explanation limits in model config: {', '.join(sorted(unknown))}")
+        for key in ("allowed_methods", "image_formats", "default_outputs"):
+            if key in config and config[key] is not None:
+                config[key] = tuple(config[key])
+        return cls(**config)
+
+    @property
+    def image(self) -> ImageLimits:
+        return ImageLimits(self.max_image_pixels, self.min_image_side, self.image_formats)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    method: Optional[str] = None
+    target: Any = None
+    top_k: int = 5
+    sparsity: Optional[float] = None
+    reduce: Optional[str] = None
+    outputs: tuple = DEFAULT_OUTPUTS
+    colormap: str = "inferno"
+    polarity: str = "absolute"
+    selection: Optional[str] = None
+
+
+def _name(key: str) -> str:
+    key = key.strip().lower().replace("-", "_")
+    return key[len("x_explain_"):] if key.startswith("x_explain_") else key
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise InvalidOption("option values must be UTF-8 text") from None
+    return value.strip() if isinstance(value, str) else value
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise InvalidOption(f"{name} must be an integer, not {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.lstrip("+-").isdigit():
+        return int(value)
+    raise InvalidOption(f"{name} must be an integer, not {value!r}")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise InvalidOption(f"{name} must be a number, not {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidOption(f"{name} must be a number, not {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidOption(f"{name} must be a finite number, not {value!r}")
+    return number
+
+
+def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestOptions:
+    """Validated options from loosely typed fields (text from multipart or headers, JSON values, CLI flags)."""
+    values: dict = {}
+    for key, value in raw.items():
+        name = _name(str(key))
+        if name not in OPTION_NAMES:
+            raise InvalidOption(f"unknown option {key!r}; options are: {', '.join(OPTION_NAMES)}",
+                                type="unknown_option")
+        value = _text(value)
+        if value is None or value == "":
+            continue
+        values[name] = value
+
+    method = values.get("method")
+    if method is not None:
+        if not isinstance(method, str):
+            raise InvalidOption(f"method must be a string, not {method!r}")
+        if method not in METHODS:
+            raise InvalidOption(f"unknown method {method!r}; choose one of: "
+                                f"{', '.join(limits.allowed_methods or METHODS.names())}", type="unknown_method")
+        if limits.allowed_methods is not None and method not in limits.allowed_methods:
+            raise InvalidOption(f"method {method!r} is not enabled on this server; enabled: "
+                                f"{', '.join(limits.allowed_methods)}", type="method_not_allowed", status=403)
+
+    top_k = _integer("top_k", values.get("top_k", limits.default_top_k))
+    if not 1 <= top_k <= limits.max_top_k:
+        raise InvalidOption(f"top_k must be between 1 and {limits.max_top_k}, got {top_k}", type="invalid_top_k")
+
+    sparsity = values.get("sparsity")
+    if sparsity is not None:
+        sparsity = _number("sparsity", sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise InvalidOption(f"sparsity must be in [0, 1), got {sparsity}", type="invalid_sparsity")
+
+    outputs = values.get("outputs", limits.default_outputs)
+    if isinstance(outputs, str):
+        outputs = [o for o in (part.strip() for part in outputs.split(",")) if o]
+    if not isinstance(outputs, (list, tuple)) or not all(isinstance(o, str) for o in outputs):
+        raise InvalidOption(f"outputs must be a list of names (or a comma-separated string), not {outputs!r}")
+    for o in outputs:
+        if o not in OUTPUTS:
+            raise InvalidOption(f"unknown output {o!r}; outputs are: {', '.join(OUTPUTS)}", type="unknown_output")
+
+    colormap = values.get("colormap", limits.default_colormap)
+    if colormap not in COLORMAPS:
+        raise InvalidOption(f"unknown colormap {colormap!r}; choose one of: {', '.join(COLORMAPS)}",
+                            type="unknown_colormap")
+    polarity = values.get("polarity", "absolute")
+    if polarity not in POLARITIES:
+        raise InvalidOption(f"unknown polarity {polarity!r}; choose one of: {', '.join(POLARITIES)}")
+
+    target = values.get("target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (str, int, float))):
+        raise InvalidOption(f"target must be a class index or a label name, not {target!r}", type="invalid_target")
+
+    for name in ("reduce", "selection"):
+        if name in values and not isinstance(values[name], str):
+            raise InvalidOption(f"{name} must be a string, not {values[name]!r}")
+
+    return RequestOptions(
+        method=method, target=target, top_k=top_k, sparsity=sparsity, reduce=values.get("reduce"),
+        outputs=tuple(dict.fromkeys(outputs)), colormap=colormap, polarity=polarity,
+        selection=values.get("selection"))
+
+
+# ---------------------------------------------------------------------------
+# Documents
+# ---------------------------------------------------------------------------
+
+
+def top_predictions(probabilities: np.ndarray, labels: Optional[Sequence[str]], k: int) -> list:
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    k = min(k, probabilities.shape[0])
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"index": int(i), "label": labels[i] if labels else str(int(i)),
+             "probability": round(float(probabilities[i]), 6)} for i in order]
+
+
+def prediction_document(model: str, probabilities: np.ndarray, labels, top_k: int) -> dict:
+    return {"model": model, "predictions": top_predictions(probabilities, labels, top_k)}
+
+
+def explanation_document(model: str, explanation, labels, options: RequestOptions, preprocessing: dict) -> dict:
+    """The JSON document for one explanation, without the binary outputs (see :func:`attach_inline`)."""
+    target = {
+        "index": explanation.target,
+        "label": explanation.target_label,
+        "probability": round(explanation.target_probability, 6),
+    }
+    if explanation.pathway_probability is not None:
+        target["pathway_probability"] = round(explanation.pathway_probability, 6)
+    body = {
+        "method": explanation.method,
+        "target": target,
+        "reduce": explanation.reduce,
+        "attribution_scale": explanation.attribution_scale,
+        "notes": list(explanation.notes),
+    }
+    if explanation.pathway is not None and "pathway" in options.outputs:
+        body["pathway"] = explanation.pathway
+    return {
+        "model": model,
+        "predictions": top_predictions(explanation.probabilities, labels, options.top_k),
+        "explanation": body,
+        "preprocessing": preprocessing,
+    }
+
+
+def attach_inline(document: dict, artifacts: Mapping[str, bytes]) -> dict:
+    """Server form: each binary output base64-encoded inside the document."""
+    for name, data in artifacts.items():
+        document["explanation"][name] = {
+            "media_type": MEDIA_TYPES[name], "encoding": "base64", "data": base64.b64encode(data).decode("ascii")}
+    return document
+
+
+def attach_paths(document: dict, paths: Mapping[str, str]) -> dict:
+    """CLI form: each binary output written to a file beside the document."""
+    for name, path in paths.items():
+        document["explanation"][name] = {"media_type": MEDIA_TYPES[name], "path": path}
+    return document
+
+
+def error_document(error) -> dict:
+    return error.to_dict()

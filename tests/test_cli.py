@@ -1,0 +1,99 @@
+"""``pathway-explain``: outputs per image, the shared schema, and clear errors with non-zero exits."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handler.cli import run
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory, photos):
+    out = tmp_path_factory.mktemp("out")
+    code = run(["--out", str(out), "--save-attribution", "--sparsity", "0.7", str(photos["coffee"]),
+                str(photos["chelsea"])])
+    assert code == 0
+    return out
+
+
+def test_writes_document_heatmap_overlay_and_attribution_per_image(explained, photos):
+    for stem in ("coffee", "chelsea"):
+        doc = json.loads((explained / f"{stem}.json").read_text())
+        assert len(doc["predictions"]) == 5
+        assert {"index", "label", "probability"} <= set(doc["predictions"][0])
+        assert doc["explanation"]["method"] == "pathway_gradient"
+        assert doc["explanation"]["pathway"]["requested_sparsity"] == 0.7
+        assert doc["preprocessing"]["crop"] == 224
+        assert doc["explanation"]["heatmap"] == {"media_type": "image/png", "path": f"{stem}.heatmap.png"}
+        heat = Image.open(explained / f"{stem}.heatmap.png")
+        assert heat.size == (224, 224)
+        overlay = Image.open(explained / f"{stem}.overlay.png")
+        assert overlay.size == Image.open(photos[stem]).size
+        attribution = np.load(explained / f"{stem}.attribution.npy")
+        assert attribution.dtype == np.float32 and attribution.shape == (224, 224)
+        assert np.abs(attribution).max() == pytest.approx(1.0)
+
+
+def test_heatmap_is_hot_where_the_attribution_is_large(explained):
+    attribution = np.abs(np.load(explained / "coffee.attribution.npy"))
+    heat = np.asarray(Image.open(explained / "coffee.heatmap.png"))  # palette indices = intensity
+    hot, cold = attribution > np.percentile(attribution, 99), attribution < np.percentile(attribution, 50)
+    assert heat[hot].mean() > 4 * heat[cold].mean()
+
+
+def test_explicit_target_by_index_and_by_label(tmp_path, photos):
+    assert run(["--out", str(tmp_path), "--target", "968", str(photos["coffee"])]) == 0
+    assert json.loads((tmp_path / "coffee.json").read_text())["explanation"]["target"]["label"] == "cup"
+    assert run(["--out", str(tmp_path), "--target", "tiger cat", str(photos["chelsea"])]) == 0
+    assert json.loads((tmp_path / "chelsea.json").read_text())["explanation"]["target"]["index"] == 282
+
+
+def test_same_file_name_twice_is_not_overwritten(tmp_path, photos):
+    other = tmp_path / "copy"
+    other.mkdir()
+    (other / "coffee.png").write_bytes(photos["coffee"].read_bytes())
+    assert run(["--out", str(tmp_path / "o"), "--method", "gradient", str(photos["coffee"]),
+                str(other / "coffee.png")]) == 0
+    assert (tmp_path / "o" / "coffee.json").exists() and (tmp_path / "o" / "coffee-2.json").exists()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--model", "no_such_model"], 2, "unknown model 'no_such_model'"),
+    (["--target", "5000"], 2, "target 5000 is out of range"),
+    (["--target", "not a class"], 2, "unknown class label"),
+    (["--sparsity", "1.0"], 2, "sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], 2, "sparsity must be in [0, 1)"),
+    (["--sparsity", "lots"], 2, "sparsity must be a number"),
+    (["--method", "magic"], 2, "unknown method 'magic'"),
+    (["--reduce", "mean"], 2, "unknown channel reduction 'mean'"),
+])
+def test_bad_options_fail_before_any_work(tmp_path, photos, capsys, args, code, message):
+    assert run(["--out", str(tmp_path), *args, str(photos["coffee"])]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "coffee.json").exists()
+
+
+def test_missing_and_non_image_files_fail_alone(tmp_path, photos, capsys):
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not a picture")
+    code = run(["--out", str(tmp_path / "o"), str(tmp_path / "missing.png"), str(text), str(photos["coffee"])])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "missing.png: no such file" in err
+    assert "notes.jpg: the data is not an image" in err
+    assert (tmp_path / "o" / "coffee.json").exists()  # the good image is still explained
+
+
+def test_installed_command_reports_errors_without_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("pathway-explain")
+    assert exe.exists(), "the set-up installs pathway-explain into the virtual environment"
+    proc = subprocess.run([str(exe), "--out", str(tmp_path), str(tmp_path / "nope.jpg")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "nope.jpg: no such file" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,128 @@
+"""Decoding user images: what is accepted and normalised, what is refused and with which error."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handler.errors import ImageTooLarge, InvalidImage, UnsupportedImage
+from handler.imaging import ImageLimits, Preprocessor, colormap_lut, decode_image, render_overlay
+from handler.models import Preprocessing
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_common_formats_decode_to_rgb(photo, fmt):
+    image = decode_image(encode(photo, fmt))
+    assert image.mode == "RGB" and image.size == (60, 40)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
+def test_other_modes_are_converted(photo, mode):
+    source = photo.convert(mode) if mode != "I;16" else Image.fromarray(
+        np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    assert source.mode == mode
+    fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
+    image = decode_image(encode(source, fmt))
+    assert image.mode == "RGB" and image.size == (60, 40)
+    if mode == "I;16":  # 16-bit values are rescaled, not clipped to white
+        assert 60 < np.asarray(image).mean() < 200
+
+
+def test_transparent_pixels_become_white(photo):
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(0)
+    assert np.asarray(decode_image(encode(rgba, "PNG"))).min() == 255
+
+
+def test_exif_orientation_is_applied(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    image = decode_image(encode(photo, "JPEG", exif=exif.tobytes()))
+    assert image.size == (40, 60)
+
+
+def test_animated_gif_uses_the_first_frame(photo):
+    frames = [photo, Image.new("RGB", photo.size, (255, 0, 0))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    first = np.asarray(decode_image(data)).astype(int)
+    assert np.abs(first - np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))).max() == 0
+
+
+@pytest.mark.parametrize("data, error, type_", [
+    (b"", InvalidImage, "empty_image"),
+    (b"hello, this is text", InvalidImage, "not_an_image"),
+    (b'{"image": "abc"}', InvalidImage, "not_an_image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, InvalidImage, None),
+])
+def test_non_images_are_refused(data, error, type_):
+    with pytest.raises(error) as info:
+        decode_image(data)
+    if type_:
+        assert info.value.type == type_
+    assert info.value.status == 400
+
+
+def test_truncated_jpeg_is_refused(photo):
+    data = encode(photo, "JPEG")
+    with pytest.raises(InvalidImage, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_unsupported_format_is_415(photo):
+    with pytest.raises(UnsupportedImage) as info:
+        decode_image(encode(photo, "ICO"))
+    assert info.value.status == 415
+
+
+def test_too_many_pixels_is_413_before_decoding():
+    import zlib
+
+    header = encode(Image.new("L", (10, 10)), "PNG")
+    # rewrite the IHDR chunk to declare 60000 x 60000 pixels (a decompression bomb), with a valid CRC
+    ihdr = b"IHDR" + (60000).to_bytes(4, "big") + (60000).to_bytes(4, "big") + header[24:29]
+    bomb = header[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + header[33:]
+    with pytest.raises(ImageTooLarge) as info:
+        decode_image(bomb)
+    assert info.value.status == 413
+    with pytest.raises(ImageTooLarge):
+        decode_image(encode(Image.new("RGB", (300, 300)), "PNG"), ImageLimits(max_pixels=50_000))
+
+
+def test_tiny_images_are_refused():
+    with pytest.raises(InvalidImage, match="at least"):
+        decode_image(encode(Image.new("RGB", (1, 1)), "PNG"))
+
+
+def test_crop_box_maps_the_model_window_back_onto_the_photo():
+    pre = Preprocessor(Preprocessing(resize=256, crop=224))
+    box = pre.crop_box((600, 400))  # resized to 384x256, crop 224 at (80, 16)
+    assert (box.left, box.top, box.right, box.bottom) == (125.0, 25.0, 475.0, 375.0)
+
+
+def test_overlay_keeps_the_photo_outside_the_model_window(photo):
+    big = photo.resize((600, 400))
+    pre = Preprocessor(Preprocessing(resize=256, crop=224))
+    attribution = np.ones((224, 224), np.float32)
+    overlay = render_overlay(big, attribution, pre.crop_box(big.size))
+    assert overlay.size == big.size
+    a, b = np.asarray(overlay), np.asarray(big)
+    assert (a[:, :120] == b[:, :120]).all() and (a[:20] == b[:20]).all()
+    assert (a[100:300, 200:400] != b[100:300, 200:400]).any()
+
+
+def test_colormaps_are_256_colour_ramps():
+    lut = colormap_lut("viridis")
+    assert lut.shape == (256, 3) and tuple(lut[0]) == (68, 1, 84) and tuple(lut[-1]) == (253, 231, 37)

@@ -1,0 +1,48 @@
+"""Request options mean the same from JSON, multipart text, headers and CLI flags; bad ones say what is wrong."""
+
+import pytest
+
+from handler.errors import InvalidOption
+from handler.schema import Limits, parse_options
+
+
+def test_defaults():
+    o = parse_options({})
+    assert (o.method, o.target, o.top_k, o.sparsity, o.outputs) == (None, None, 5, None, ("heatmap", "pathway"))
+
+
+def test_text_values_from_multipart_and_headers_are_typed():
+    o = parse_options({"X-Explain-Top-K": b"3", "sparsity": "0.9", "outputs": "overlay, attribution",
+                       "target": bytearray(b"281")})
+    assert (o.top_k, o.sparsity, o.outputs, o.target) == (3, 0.9, ("overlay", "attribution"), "281")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"sparsity": 1}, "sparsity must be in [0, 1)"),
+    ({"sparsity": "nan"}, "finite"),
+    ({"sparsity": True}, "must be a number"),
+    ({"top_k": 0}, "top_k must be between 1 and"),
+    ({"top_k": 1000}, "top_k must be between 1 and 100"),
+    ({"top_k": "three"}, "top_k must be an integer"),
+    ({"outputs": ["heatmap", "video"]}, "unknown output 'video'"),
+    ({"outputs": 5}, "outputs must be a list"),
+    ({"method": "magic"}, "unknown method 'magic'"),
+    ({"colormap": "rainbow"}, "unknown colormap"),
+    ({"sparcity": 0.5}, "unknown option 'sparcity'"),
+    ({"target": [1, 2]}, "target must be a class index or a label name"),
+    ({"target": True}, "target must be a class index or a label name"),
+])
+def test_bad_options_are_named(raw, message):
+    with pytest.raises(InvalidOption) as info:
+        parse_options(raw)
+    assert message in str(info.value)
+    assert 400 <= info.value.status < 500
+
+
+def test_server_caps_apply():
+    limits = Limits(max_top_k=10, allowed_methods=("pathway_gradient",))
+    with pytest.raises(InvalidOption, match="between 1 and 10"):
+        parse_options({"top_k": 11}, limits)
+    with pytest.raises(InvalidOption, match="not enabled") as info:
+        parse_options({"method": "gradient"}, limits)
+    assert info.value.status == 403

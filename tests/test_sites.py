@@ -1,0 +1,199 @@
+"""Activation sites are found by call (module, functional, in-place, reused) and the model is left untouched."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from handler.engine import Explainer, instrument, trace_sites
+from handler.engine.sites import NoActivationSitesError
+
+
+def kaiming(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights that keep activations alive through deep stacks (torchvision's defaults can vanish)."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return kaiming(torchvision.models.resnet18(weights=None))
+
+
+def test_resnet18_reused_inplace_relu_is_one_site_per_call(resnet18):
+    layout = trace_sites(resnet18, torch.randn(1, 3, 64, 64))
+    # stem relu + 8 BasicBlocks x 2 calls of the same in-place module
+    assert len(layout) == 17
+    names = [s.name for s in layout]
+    assert names[:3] == ["relu", "layer1.0.relu", "layer1.0.relu#2"]
+    assert len(set(names)) == 17
+    assert all(s.kind == "relu" and s.piecewise_linear for s in layout)
+    offsets = [s.offset for s in layout]
+    assert offsets == sorted(offsets) and layout.total == sum(s.numel for s in layout)
+
+
+def test_googlenet_functional_relu_calls_are_sites():
+    model = kaiming(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False))
+    layout = trace_sites(model, torch.randn(1, 3, 64, 64))
+    # every BasicConv2d ends in F.relu(x, inplace=True): 3 stem convs + 9 inception blocks x 6
+    assert len(layout) == 57
+    assert layout.sites[0].name == "conv1:relu"
+    assert all(s.kind == "relu" for s in layout)
+    explanation = Explainer(model).explain(torch.randn(1, 3, 64, 64), sparsity=0.7)[0]
+    assert explanation.attribution_scale > 0
+    assert explanation.pathway["realised_sparsity"] >= 0.7
+
+
+def test_mobilenet_v2_relu6_sites():
+    model = kaiming(torchvision.models.mobilenet_v2(weights=None))
+    layout = trace_sites(model, torch.randn(1, 3, 64, 64))
+    assert len(layout) == 35 and {s.kind for s in layout} == {"relu6"}
+    explanation = Explainer(model).explain(torch.randn(1, 3, 64, 64), sparsity=0.5)[0]
+    assert explanation.pathway["locally_linear"] is True
+    assert explanation.notes == []
+
+
+def test_resnet18_contributions_match_a_hook_based_reference(resnet18):
+    """Scores from call-site interception equal those from forward hooks on a non-in-place copy."""
+    import copy
+
+    from handler.engine.pathways import SELECTIONS
+
+    x = torch.randn(2, 3, 64, 64)
+    pathway = SELECTIONS.get("contribution")(resnet18, x, torch.tensor([-1, 5]), [0.6, 0.6])
+
+    reference = copy.deepcopy(resnet18)
+    captured = []
+    for m in reference.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+            m.register_forward_hook(lambda _m, _i, out: captured.append(out) or out.retain_grad())
+    x_ref = x.clone()
+    logits = reference(x_ref)
+    targets = torch.tensor([logits[0].argmax().item(), 5])
+    logits.gather(1, targets[:, None]).sum().backward()
+    scores = torch.cat([(a * a.grad).abs().flatten(1) for a in captured], 1)
+    k = int(0.6 * scores.shape[1] + 0.999999)
+    tau = scores.kthvalue(k, dim=1, keepdim=True).values
+    expected = scores > tau
+    agreement = (expected == pathway.keep).float().mean().item()
+    assert agreement > 0.9999, agreement
+    assert pathway.targets.tolist() == targets.tolist()
+
+
+def _assert_untouched(model, before_state, before_flags, training):
+    after = model.state_dict()
+    assert before_state.keys() == after.keys()
+    assert all(torch.equal(before_state[k], after[k]) for k in after)
+    assert [p.requires_grad for p in model.parameters()] == before_flags
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training == training
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_model_is_unchanged_after_explaining():
+    model = kaiming(torchvision.models.resnet18(weights=None)).train()
+    params = list(model.parameters())
+    for p in params[::2]:
+        p.requires_grad_(False)
+    flags = [p.requires_grad for p in params]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    explainer = Explainer(model)
+    explainer.explain(torch.randn(2, 3, 64, 64), sparsity=0.7)
+    explainer.explain(torch.randn(1, 3, 64, 64), method="gradient")
+    _assert_untouched(model, state, flags, training=True)
+
+
+def test_model_is_unchanged_after_a_failing_call():
+    class FailsOnSecondPass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.relu = nn.ReLU(inplace=True)
+            self.fc = nn.Linear(4, 10)
+            self.calls = 0
+
+        def forward(self, x):
+            x = self.relu(self.conv(x))
+            self.calls += 1
+            if self.calls == 3:  # check pass, scoring pass, then fail inside the pathway pass
+                raise RuntimeError("boom")
+            return self.fc(x.mean(dim=(2, 3)))
+
+    model = FailsOnSecondPass()
+    flags = [p.requires_grad for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        Explainer(model).explain(torch.randn(1, 3, 8, 8))
+    model.calls = 0
+    _assert_untouched(model, state, flags, training=True)
+
+
+def test_smooth_activations_still_work_and_say_linearity_does_not_hold():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.SiLU(), nn.Conv2d(8, 8, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 5)).eval()
+    [explanation] = Explainer(model).explain(torch.randn(1, 3, 16, 16), sparsity=0.5)
+    assert explanation.pathway["locally_linear"] is False
+    assert explanation.pathway["nonlinear_activations"] == ["gelu", "silu"]
+    assert any("not exactly linear" in note for note in explanation.notes)
+    assert explanation.attribution_scale > 0
+
+
+def test_a_model_without_activations_is_refused_clearly():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).eval()
+    with pytest.raises(NoActivationSitesError, match="no activation call"):
+        Explainer(model).explain(torch.randn(1, 3, 8, 8))
+
+
+def test_models_that_rely_on_inplace_side_effects_are_refused_clearly():
+    class SideEffect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.conv(x)
+            x.relu_()  # return value ignored: only the in-place effect is used
+            return self.fc(x.mean(dim=(2, 3)))
+
+    with pytest.raises(RuntimeError, match="in-place activation's side effect"):
+        Explainer(SideEffect().eval()).explain(torch.randn(1, 3, 8, 8))
+
+
+def test_explaining_works_inside_inference_mode(resnet18):
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 64, 64)
+        [explanation] = Explainer(resnet18).explain(x, sparsity=0.5)
+    assert explanation.attribution_scale > 0
+
+
+def test_instrument_restores_on_exception_inside_the_block(resnet18):
+    with pytest.raises(ValueError):
+        with instrument(resnet18):
+            raise ValueError("inside")
+    assert torch._C._len_torch_function_stack() == 0
+    assert all(not m._forward_hooks for m in resnet18.modules())
+
+
+@pytest.mark.cuda
+def test_cuda_maps_match_cpu_maps(resnet18):
+    import copy
+
+    x = torch.randn(2, 3, 64, 64)
+    cpu = Explainer(copy.deepcopy(resnet18)).explain(x, sparsity=0.7)
+    gpu = Explainer(copy.deepcopy(resnet18), device="cuda").explain(x, sparsity=0.7)
+    for a, b in zip(cpu, gpu):
+        assert a.target == b.target
+        corr = torch.corrcoef(torch.stack([torch.from_numpy(a.attribution).flatten(),
+                                           torch.from_numpy(b.attribution).flatten()]))[0, 1]
+        assert corr > 0.99
+        assert abs(a.pathway["realised_sparsity"] - b.pathway["realised_sparsity"]) < 1e-3
