@@ -23,7 +23,7 @@ from .errors import ExplainError
 from .imaging import COLORMAPS, POLARITIES
 from .models import ModelLoadError, builtin_names, get_spec, spec_for_architecture
 from .schema import Limits, attach_paths, parse_options
-from .service import ExplanationService
+from .service import ExplanationService, request_of
 
 PROG = "pathway-explain"
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--save-attribution", action="store_true",
                     help="also write STEM.attribution.npy (float32 [H, W] at model input resolution, signed, "
                          "max |value| = 1)")
+    ex.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                    help="a method or selection option, e.g. --option signed=true (repeatable; see --list)")
     ex.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
     p.add_argument("--list", action="store_true", help="list models, methods, selections and reductions, and exit")
     return p
@@ -113,6 +115,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         print("models:     " + ", ".join(builtin_names()))
         print("methods:    " + ", ".join(METHODS.names()))
         print("selections: " + ", ".join(SELECTIONS.names()))
+        for registry in (METHODS, SELECTIONS):
+            for name in registry.names():
+                for option, spec in registry.get(name).options.items():
+                    print(f"  option {option} ({registry.what} {name}): {spec.type.__name__}, default "
+                          f"{spec.default!r}. {spec.help}")
         print("reductions: " + ", ".join(REDUCTIONS.names()))
         print("colormaps:  " + ", ".join(COLORMAPS))
         return 0
@@ -127,16 +134,20 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     raw = {"method": args.method, "target": args.target, "sparsity": args.sparsity, "reduce": args.reduce,
            "selection": args.selection, "top_k": args.top_k, "colormap": args.colormap,
            "polarity": args.polarity, "outputs": outputs}
+    raw = {k: v for k, v in raw.items() if v is not None}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            parser.error(f"--option takes NAME=VALUE, not {item!r}")
+        if name.strip().replace("-", "_") in raw:
+            parser.error(f"--option {name.strip()} has its own flag; use --{name.strip().replace('_', '-')}")
+        raw[name.strip()] = value
     try:
-        options = parse_options({k: v for k, v in raw.items() if v is not None}, Limits())
+        options = parse_options(raw, Limits())
         device = _device(args.device)
         service = ExplanationService.from_spec(_spec(args), device=device)
         # Validate what does not depend on the image before reading any file.
-        from .engine import ExplainRequest
-
-        service.explainer.resolve_target(service.explainer.validate(ExplainRequest(
-            target=options.target, method=options.method, sparsity=options.sparsity,
-            reduce=options.reduce, selection=options.selection)).target)
+        service.explainer.resolve_target(service.explainer.validate(request_of(options)).target)
     except (ExplainError, ModelLoadError, UsageError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ class Limits:
     image_formats: tuple = DEFAULT_FORMATS
     default_outputs: tuple = DEFAULT_OUTPUTS
     default_colormap: str = "inferno"
-    method_caps: dict = field(default_factory=dict)  # e.g. {"steps": 64}: numeric method options' maxima
+    method_caps: dict = field(default_factory=dict)  # e.g. {"steps": 64}: maxima of numeric method options
 
     @classmethod
     def from_config(cls, config: Optional[Mapping[str, Any]]) -> "Limits":
@@ -90,6 +90,18 @@ class RequestOptions:
     colormap: str = "inferno"
     polarity: str = "absolute"
     selection: Optional[str] = None
+    method_options: tuple = ()  # (name, raw value) pairs; typed and checked against the chosen method later
+
+
+def declared_option_names() -> set:
+    """Options that some registered method or selection strategy declares (``steps``, ``signed``, ...)."""
+    from .engine.pathways import SELECTIONS
+
+    names = set()
+    for registry in (METHODS, SELECTIONS):
+        for name in registry.names():
+            names.update(registry.get(name).options)
+    return names
 
 
 def _name(key: str) -> str:
@@ -133,11 +145,19 @@ def _number(name: str, value: Any) -> float:
 def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestOptions:
     """Validated options from loosely typed fields (text from multipart or headers, JSON values, CLI flags)."""
     values: dict = {}
+    method_options: dict = {}
+    declared = None
     for key, value in raw.items():
         name = _name(str(key))
         if name not in OPTION_NAMES:
-            raise InvalidOption(f"unknown option {key!r}; options are: {', '.join(OPTION_NAMES)}",
-                                type="unknown_option")
+            declared = declared if declared is not None else declared_option_names()
+            if name not in declared:
+                raise InvalidOption(f"unknown option {key!r}; options are: "
+                                    f"{', '.join(list(OPTION_NAMES) + sorted(declared))}", type="unknown_option")
+            value = _text(value)
+            if value is not None and value != "":
+                method_options[name] = value
+            continue
         value = _text(value)
         if value is None or value == "":
             continue
@@ -192,7 +212,7 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
     return RequestOptions(
         method=method, target=target, top_k=top_k, sparsity=sparsity, reduce=values.get("reduce"),
         outputs=tuple(dict.fromkeys(outputs)), colormap=colormap, polarity=polarity,
-        selection=values.get("selection"))
+        selection=values.get("selection"), method_options=tuple(sorted(method_options.items())))
 
 
 # ---------------------------------------------------------------------------

@@ -17,10 +17,16 @@ import torch
 from PIL import Image
 
 from .engine import Explainer, ExplainRequest
-from .errors import ExplainError
+from .errors import ExplainError, InvalidOption
 from .imaging import Preprocessor, decode_image, npy_bytes, png_bytes, render_heatmap, render_overlay
 from .models import LoadedModel, ModelSpec, load_model
 from .schema import Limits, RequestOptions, attach_inline, explanation_document, prediction_document
+
+
+def request_of(options: RequestOptions) -> ExplainRequest:
+    """The engine's request for one set of parsed options."""
+    return ExplainRequest(target=options.target, method=options.method, sparsity=options.sparsity,
+                          reduce=options.reduce, selection=options.selection, options=options.method_options)
 
 
 @dataclass
@@ -78,9 +84,9 @@ class ExplanationService:
         requests, valid = [], []
         for i, o in enumerate(options):
             try:
-                request = self.explainer.validate(ExplainRequest(
-                    target=o.target, method=o.method, sparsity=o.sparsity, reduce=o.reduce, selection=o.selection))
+                request = self.explainer.validate(request_of(o))
                 self.explainer.resolve_target(request.target)
+                self._check_caps(request)
             except ExplainError as err:
                 results[i] = err
                 continue
@@ -93,6 +99,12 @@ class ExplanationService:
         for i, explanation in zip(valid, explanations):
             results[i] = self._render(images[i], options[i], explanation, attribution_dtype)
         return results
+
+    def _check_caps(self, request: ExplainRequest) -> None:
+        for name, value in request.options:
+            cap = self.limits.method_caps.get(name)
+            if cap is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
+                raise InvalidOption(f"{name} = {value} exceeds this server's limit of {cap}", type="over_limit")
 
     def explain_images(self, images: Sequence, **options) -> list:
         """Notebook convenience: paths, bytes or PIL images, and options as keywords (the server's names).

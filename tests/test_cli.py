@@ -97,3 +97,9 @@ def test_installed_command_reports_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "nope.jpg: no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_selection_options_pass_through(tmp_path, photos):
+    assert run(["--out", str(tmp_path), "--option", "signed=true", str(photos["coffee"])]) == 0
+    pathway = json.loads((tmp_path / "coffee.json").read_text())["explanation"]["pathway"]
+    assert pathway["selection"] == "contribution_signed"

@@ -46,3 +46,19 @@ def test_server_caps_apply():
     with pytest.raises(InvalidOption, match="not enabled") as info:
         parse_options({"method": "gradient"}, limits)
     assert info.value.status == 403
+
+
+def test_method_and_selection_options_are_declared_typed_and_checked(lite0_service):
+    from handler.service import request_of
+
+    explainer = lite0_service.explainer
+    o = parse_options({"signed": "true"})
+    assert o.method_options == (("signed", "true"),)
+    request = explainer.validate(request_of(o))
+    assert request.options == (("signed", True),)
+    with pytest.raises(InvalidOption, match="does not apply to method 'gradient'"):
+        explainer.validate(request_of(parse_options({"signed": "true", "method": "gradient"})))
+    with pytest.raises(InvalidOption, match="signed must be true or false"):
+        explainer.validate(request_of(parse_options({"signed": "maybe"})))
+    with pytest.raises(InvalidOption, match="unknown option 'frobnicate'"):
+        parse_options({"frobnicate": 1})

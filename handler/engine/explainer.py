@@ -154,7 +154,29 @@ class Explainer:
         sparsity = float(sparsity)
         if not 0.0 <= sparsity < 1.0:
             raise InvalidOption(f"sparsity must be in [0, 1), got {sparsity}", type="invalid_sparsity")
-        return ExplainRequest(request.target, method, sparsity, reduce, selection, request.options)
+        return ExplainRequest(request.target, method, sparsity, reduce, selection,
+                              self._validate_options(method, selection, dict(request.options)))
+
+    def option_specs(self, method: str, selection: str) -> dict:
+        """The options a request may set for this method (and, if it follows a pathway, this selection)."""
+        chosen = METHODS.get(method)
+        specs = dict(chosen.options)
+        if chosen.uses_pathway:
+            specs.update(SELECTIONS.get(selection).options)
+        return specs
+
+    def _validate_options(self, method: str, selection: str, options: dict) -> tuple:
+        specs = self.option_specs(method, selection)
+        out = {}
+        for name, value in options.items():
+            spec = specs.get(name)
+            if spec is None:
+                accepted = ", ".join(sorted(specs)) or "none"
+                raise InvalidOption(f"option {name!r} does not apply to method {method!r}"
+                                    + (f" with selection {selection!r}" if METHODS.get(method).uses_pathway else "")
+                                    + f" (it accepts: {accepted})", type="unknown_option")
+            out[name] = spec.coerce(name, value)
+        return tuple(sorted(out.items()))
 
     # -- inference ----------------------------------------------------------
 
@@ -215,9 +237,11 @@ class Explainer:
 
     def _run(self, x, targets, method_name, selection, options, requests) -> list:
         method = METHODS.get(method_name)
-        kwargs = dict(options)
+        kwargs = {k: v for k, v in options.items() if k in method.options}
         if method.uses_pathway:
-            kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection)
+            selection_options = {k: v for k, v in options.items() if k not in method.options}
+            kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection,
+                          selection_options=selection_options)
         with explaining(self.model):
             if not self._checked:
                 self._check_instrumentation(x[:1])

@@ -9,12 +9,13 @@ normalisation are the caller's (see :mod:`.reduce`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .options import OptionSpec
 from .pathways import SELECTIONS, Pathway, resolve_targets, run_along, target_sum
 from .registry import Registry
 
@@ -34,6 +35,7 @@ class Method:
     fn: Callable[..., Attribution]
     uses_pathway: bool
     summary: str
+    options: Mapping[str, OptionSpec] = field(default_factory=dict)
 
     def __call__(self, model, x, targets, **options) -> Attribution:
         return self.fn(model, x, targets, **options)
@@ -42,10 +44,12 @@ class Method:
 METHODS: Registry = Registry("explanation method")
 
 
-def register_method(name: str, *, uses_pathway: bool = False):
+def register_method(name: str, *, uses_pathway: bool = False, options: Optional[Mapping[str, OptionSpec]] = None):
+    """Register ``fn(model, x, targets, **options) -> Attribution``; ``options`` are what a request may set."""
+
     def decorate(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
-        METHODS.register(name)(Method(name, fn, uses_pathway, doc[0] if doc else name))
+        METHODS.register(name)(Method(name, fn, uses_pathway, doc[0] if doc else name, dict(options or {})))
         return fn
     return decorate
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .options import OptionSpec
 from .registry import Registry
 from .sites import Site, SiteCall, SiteLayout, instrument
 
@@ -195,10 +196,31 @@ def run_along(model: nn.Module, x: torch.Tensor, pathway: Pathway) -> torch.Tens
 # Selection strategies
 # ---------------------------------------------------------------------------
 
-#: A strategy: ``(model, x, targets, sparsity, **options) -> Pathway``; ``targets``
-#: holds ``-1`` where the predicted class is meant.
-SelectionStrategy = Callable[..., Pathway]
+@dataclass(frozen=True)
+class Selection:
+    """A strategy: ``fn(model, x, targets, sparsity, **options) -> Pathway``; ``targets`` holds ``-1``
+    where the predicted class is meant, ``sparsity`` one value per sample."""
+
+    name: str
+    fn: Callable[..., Pathway]
+    summary: str
+    options: Mapping[str, OptionSpec] = field(default_factory=dict)
+
+    def __call__(self, model, x, targets, sparsity, **options) -> Pathway:
+        return self.fn(model, x, targets, sparsity, **options)
+
+
 SELECTIONS: Registry = Registry("pathway selection")
+
+
+def register_selection(name: str, *, options: Optional[Mapping[str, OptionSpec]] = None):
+    """Register a pathway selection strategy; ``options`` are what a request may set."""
+
+    def decorate(fn):
+        doc = (fn.__doc__ or "").strip().splitlines()
+        SELECTIONS.register(name)(Selection(name, fn, doc[0] if doc else name, dict(options or {})))
+        return fn
+    return decorate
 
 
 class _ContributionProbe(torch.autograd.Function):
@@ -273,7 +295,9 @@ def _positive_contribution(a, grad, out):
     out.clamp_(min=0)
 
 
-@SELECTIONS.register("contribution")
+@register_selection("contribution", options={
+    "signed": OptionSpec(bool, False, help="keep only neurons that push the target logit up"),
+})
 def select_by_contribution(model, x, targets, sparsity, *, signed: bool = False, record_alive: bool = False) -> Pathway:
     """Keep the neurons with the largest first-order contribution ``|a ⊙ ∂logit_c/∂a|`` (NeuronMCT).
 

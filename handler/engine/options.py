@@ -1,0 +1,64 @@
+"""Declared options of methods and selection strategies: typed, bounded, and named in every error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..errors import InvalidOption
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option a method or selection strategy accepts (``steps``, ``baseline``, ``signed``...)."""
+
+    type: type
+    default: Any
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    choices: Optional[tuple] = None
+    help: str = ""
+
+    def coerce(self, name: str, value: Any) -> Any:
+        """Turn a JSON value or text (multipart, header, CLI flag) into this option's type, or say why not."""
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "replace")
+        if isinstance(value, str):
+            value = value.strip()
+        try:
+            if self.type is bool:
+                if isinstance(value, bool):
+                    out = value
+                elif isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                    out = True
+                elif isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                    out = False
+                else:
+                    raise ValueError
+            elif self.type is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                out = int(value)
+            elif self.type is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                out = float(value)
+                if out != out or out in (float("inf"), float("-inf")):
+                    raise ValueError
+            else:
+                if not isinstance(value, str):
+                    raise ValueError
+                out = value
+        except (TypeError, ValueError):
+            raise InvalidOption(f"{name} must be {_article(self.type)}, not {value!r}") from None
+        if self.choices is not None and out not in self.choices:
+            raise InvalidOption(f"{name} must be one of {', '.join(map(str, self.choices))}, not {out!r}")
+        if self.minimum is not None and out < self.minimum:
+            raise InvalidOption(f"{name} must be at least {self.minimum}, got {out}")
+        if self.maximum is not None and out > self.maximum:
+            raise InvalidOption(f"{name} must be at most {self.maximum}, got {out}")
+        return out
+
+
+def _article(kind: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
