@@ -3,13 +3,20 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test explain-samples bench clean
+.PHONY: setup run serve model-store test explain-samples bench clean
 
 setup:
 	@scripts/setup.sh
 
-## Main job: explain the bundled sample photos into out/
-run: explain-samples
+## Main job: build model_store/efficientnet_lite0.mar and serve it with TorchServe on 127.0.0.1 (foreground)
+run: serve
+
+serve: setup
+	$(VENV)/bin/pathway-serve
+
+## Model archive of the default model (pathway-archive --help for your own classifier)
+model-store: setup
+	$(VENV)/bin/pathway-archive
 
 explain-samples: setup
 	$(VENV)/bin/pathway-explain --save-attribution --out out $$($(PY) -m handler.samples)
@@ -23,4 +30,4 @@ bench: setup
 	$(PY) benchmarks/speed/engine.py
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out var .pytest_cache model_store/*.mar

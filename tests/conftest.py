@@ -28,3 +28,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real TorchServe (via pathway-serve) serving efficientnet_lite0 with batchSize 4, on free loopback ports."""
+    from server_harness import Server, build_test_archive
+
+    store = tmp_path_factory.mktemp("model_store")
+    build_test_archive(store)
+    srv = Server(tmp_path_factory.mktemp("run"), store).start()
+    yield srv
+    srv.stop()

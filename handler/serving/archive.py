@@ -1,0 +1,169 @@
+"""``pathway-archive``: package a model spec, its weights, class names and this handler into a TorchServe ``.mar``.
+
+The archive is self-contained: the engine's source travels inside it (TorchServe
+puts the archive's folder on the worker's ``sys.path``), the class names are
+written out, and the spec inside points at files inside the archive. What the
+worker's Python must provide: torch, torchvision, timm, numpy, Pillow (listed in
+the archive's ``requirements.txt`` for runtimes that install per-model
+dependencies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..models import ModelLoadError, ModelSpec, Weights, get_spec, load_labels, spec_for_architecture, weights_path
+from .handler import SPEC_FILE
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+ENTRY = Path(__file__).resolve().parent / "ts_entry" / "pathway_handler.py"
+DEFAULT_STORE = PACKAGE_DIR.parent / "model_store"
+
+#: Worker/batching defaults written into model-config.yaml (overridable by flags).
+DEFAULT_WORKER_CONFIG = {
+    "minWorkers": 1,
+    "maxWorkers": 1,
+    "batchSize": 4,
+    "maxBatchDelay": 20,
+    "responseTimeout": 120,
+}
+#: The handler's own section of model-config.yaml: explanation defaults and server-side caps.
+DEFAULT_PATHWAY_CONFIG = {
+    "device": "auto",
+    "max_instances_per_request": 16,
+    "limits": {
+        "default_top_k": 5,
+        "max_top_k": 100,
+        "max_image_pixels": 40_000_000,
+        "default_outputs": ["heatmap", "pathway"],
+        "method_caps": {"steps": 128, "samples": 64, "iterations": 300, "copies": 64},
+    },
+}
+REQUIREMENTS = ["torch", "torchvision", "timm", "numpy", "pillow"]
+
+
+def stage_archive(spec: ModelSpec, stage: Path, worker_config: dict, pathway_config: dict) -> dict:
+    """Lay out the archive's files in ``stage``; returns the torch-model-archiver arguments."""
+    (stage / "extra").mkdir(parents=True)
+    shutil.copytree(PACKAGE_DIR, stage / "extra" / "handler",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    labels = load_labels(spec)
+    files = []
+    if labels is not None:
+        (stage / "labels.json").write_text(json.dumps(labels))
+        files.append(stage / "labels.json")
+    serialized = None
+    source = weights_path(spec)
+    if source is not None:
+        if not source.is_file():
+            raise ModelLoadError(f"weights file not found: {source}")
+        serialized = stage / "weights.pth"
+        shutil.copyfile(source, serialized)
+    archived = spec.replace(
+        weights=Weights(file="weights.pth", match=spec.weights.match) if serialized else spec.weights,
+        labels={"file": "labels.json"} if labels is not None else None,
+        num_classes=spec.num_classes or (len(labels) if labels else None),
+        base_dir=None,
+    )
+    (stage / SPEC_FILE).write_text(json.dumps(archived.to_dict(), indent=2) + "\n")
+    files.append(stage / SPEC_FILE)
+    (stage / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
+    files.append(stage / "requirements.txt")
+    config = dict(worker_config)
+    config["pathway"] = pathway_config
+    import yaml
+
+    (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copyfile(ENTRY, stage / ENTRY.name)
+    return {"handler": stage / ENTRY.name, "serialized": serialized, "extra": [stage / "extra", *files],
+            "config": stage / "model-config.yaml"}
+
+
+def build_archive(
+    spec: ModelSpec,
+    out_dir: Path = DEFAULT_STORE,
+    *,
+    worker_config: Optional[dict] = None,
+    pathway_config: Optional[dict] = None,
+    version: str = "1.0",
+) -> Path:
+    """Write ``<out_dir>/<spec.name>.mar`` and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or \
+        shutil.which("torch-model-archiver")
+    if archiver is None:
+        raise RuntimeError("torch-model-archiver is not installed (pip install torch-model-archiver==0.12.0)")
+    with tempfile.TemporaryDirectory(prefix="pathway-mar-") as tmp:
+        parts = stage_archive(spec, Path(tmp), worker_config or DEFAULT_WORKER_CONFIG,
+                              pathway_config or DEFAULT_PATHWAY_CONFIG)
+        cmd = [archiver, "--model-name", spec.name, "--version", version, "--handler", str(parts["handler"]),
+               "--extra-files", ",".join(str(p) for p in parts["extra"]), "--config-file", str(parts["config"]),
+               "--export-path", str(out_dir), "--force"]
+        if parts["serialized"] is not None:
+            cmd += ["--serialized-file", str(parts["serialized"])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return out_dir / f"{spec.name}.mar"
+
+
+def archive_is_stale(mar: Path) -> bool:
+    """True when the archive is missing or older than any source file it packs."""
+    if not mar.is_file():
+        return True
+    built = mar.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in PACKAGE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="pathway-archive", description="Build a TorchServe model archive (.mar) "
+                                "that serves predictions and pathway explanations.")
+    p.add_argument("--model", default=None, help="built-in model name or model spec .json (default efficientnet_lite0)")
+    p.add_argument("--arch", help="torchvision/timm architecture for your own classifier (with --weights, --labels)")
+    p.add_argument("--weights", help="state dict of your classifier (loaded with weights_only=True)")
+    p.add_argument("--labels", help="class names: one per line, a JSON list or index_to_name.json")
+    p.add_argument("--name", help="model name (default: the spec's or the architecture's)")
+    p.add_argument("--out", type=Path, default=DEFAULT_STORE, help="model store directory (default model_store/)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_WORKER_CONFIG["batchSize"])
+    p.add_argument("--max-batch-delay", type=int, default=DEFAULT_WORKER_CONFIG["maxBatchDelay"], help="ms")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKER_CONFIG["minWorkers"])
+    p.add_argument("--response-timeout", type=int, default=DEFAULT_WORKER_CONFIG["responseTimeout"], help="s")
+    p.add_argument("--sparsity", type=float, help="default sparsity for this model's explanations")
+    args = p.parse_args(argv)
+    try:
+        if args.arch:
+            if args.model:
+                p.error("give either --model or --arch")
+            if args.weights and not Path(args.weights).is_file():
+                p.error(f"weights file not found: {args.weights}")
+            spec = spec_for_architecture(args.arch, weights=args.weights, labels=args.labels or "imagenet",
+                                         name=args.name, sparsity=args.sparsity if args.sparsity is not None else 0.7)
+        else:
+            spec = get_spec(args.model or "efficientnet_lite0")
+            if args.name:
+                spec = spec.replace(name=args.name)
+            if args.sparsity is not None:
+                spec = spec.replace(defaults=dict(spec.defaults, sparsity=args.sparsity))
+        worker = {"minWorkers": args.workers, "maxWorkers": args.workers, "batchSize": args.batch_size,
+                  "maxBatchDelay": args.max_batch_delay, "responseTimeout": args.response_timeout}
+        # Load once here, so a broken spec fails now rather than in a worker.
+        from ..models import load_model
+
+        load_model(spec)
+        mar = build_archive(spec, args.out, worker_config=worker)
+    except (ModelLoadError, RuntimeError, ValueError) as err:
+        print(f"pathway-archive: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(mar)
+
+
+if __name__ == "__main__":
+    main()

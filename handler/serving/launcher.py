@@ -1,0 +1,240 @@
+"""``pathway-serve``: check the prerequisites, build the archive, run TorchServe in the foreground, print a curl.
+
+The same entry point is what ``make run`` calls, what the Docker image runs and
+what the tests start, so the path a user takes is the path that is tested.
+TorchServe's own files (``key_file.json``, logs, its pid file) go to a run
+directory so several servers can live side by side. SIGTERM/SIGINT stop
+TorchServe (the Java frontend and its workers) before this process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .archive import DEFAULT_STORE, archive_is_stale, build_archive
+
+ROOT = Path(__file__).resolve().parents[2]
+JAVA_HELP = ("TorchServe 0.12 needs Java 17 or newer. On Debian/Ubuntu: apt-get update && apt-get install -y "
+             "openjdk-17-jre-headless (or set JAVA_HOME to a JDK 17).")
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def java_version() -> int:
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not java:
+        raise LaunchError(f"java was not found. {JAVA_HELP}")
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise LaunchError(f"cannot run {java}: {err}. {JAVA_HELP}") from None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if not match:
+        raise LaunchError(f"cannot read the Java version from: {(out.stderr or out.stdout).strip()[:200]}")
+    major = int(match.group(1))
+    if major == 1 and match.group(2):  # "1.8.0" style
+        major = int(match.group(2))
+    if major < 17:
+        raise LaunchError(f"Java {major} found at {java}. {JAVA_HELP}")
+    return major
+
+
+def check_prerequisites() -> None:
+    java_version()
+    try:
+        import yaml  # noqa: F401  TorchServe's worker dies without it; its wheel does not declare it
+        import ts  # noqa: F401
+    except ImportError as err:
+        raise LaunchError(f"{err.name} is not installed: pip install 'torchserve==0.12.0' pyyaml "
+                          "(or run scripts/setup.sh)") from None
+
+
+def read_properties(path: Path) -> dict:
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def effective(props: dict, key: str, default: str) -> str:
+    """A TorchServe property as the server will see it: ``TS_<KEY>`` in the environment wins."""
+    if props.get("enable_envvars_config", "false").lower() == "true":
+        env = os.environ.get("TS_" + key.upper())
+        if env:
+            return env
+    return props.get(key, default)
+
+
+def ping(address: str, token: Optional[str] = None, timeout: float = 5) -> bool:
+    """True when ``/ping`` answers Healthy (TorchServe 0.12 wants the inference token even there)."""
+    request = urllib.request.Request(f"{address}/ping")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.loads(reply.read().decode()).get("status") == "Healthy"
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def read_keys(key_file: Path) -> Optional[dict]:
+    try:
+        return json.loads(key_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_ready(address: str, proc: subprocess.Popen, key_file: Optional[Path], timeout: float,
+               cancelled=lambda: False) -> Optional[dict]:
+    """Poll ``/ping`` until healthy (with token authorisation, using the key file's inference key); the keys."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not cancelled():
+        if proc.poll() is not None:
+            raise LaunchError(f"TorchServe exited with status {proc.returncode} during start-up; see the logs")
+        keys = read_keys(key_file) if key_file is not None else None
+        if key_file is None or keys is not None:
+            token = keys["inference"]["key"] if keys else None
+            if ping(address, token):
+                return keys
+        time.sleep(1.0)
+    if cancelled():
+        return None
+    raise LaunchError(f"TorchServe was not healthy at {address}/ping within {timeout:.0f} s")
+
+
+def curl_examples(address: str, model: str, keys: Optional[dict], photo: str) -> str:
+    auth = f" -H 'Authorization: Bearer {keys['inference']['key']}'" if keys and "inference" in keys else ""
+    lines = [
+        f"Predictions:   curl{auth} -T {photo} {address}/predictions/{model}",
+        f"Explanations:  curl{auth} -T {photo} {address}/explanations/{model}",
+        f"Overlay PNG:   curl{auth} -H 'Accept: image/png' -T {photo} {address}/explanations/{model} -o overlay.png",
+    ]
+    if keys and "API" in keys:
+        lines.append(f"(tokens expire; management key {keys['management']['key']}, API key {keys['API']['key']}"
+                     " - see README 'Tokens')")
+    return "\n".join(lines)
+
+
+def sample_photo() -> str:
+    try:
+        from ..samples import sample_photo as find
+
+        return str(find("coffee"))
+    except (RuntimeError, KeyError):
+        return "photo.jpg"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="pathway-serve", description="Serve predictions and pathway explanations "
+                                "with TorchServe (foreground; Ctrl-C stops it).")
+    p.add_argument("--config", type=Path, default=ROOT / "config.properties", help="TorchServe config.properties")
+    p.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
+    p.add_argument("--models", nargs="*", default=["efficientnet_lite0"],
+                   help="model names to load (NAME or NAME=FILE.mar from the model store)")
+    p.add_argument("--run-dir", type=Path, default=Path(os.environ.get("PATHWAY_RUN_DIR", ROOT / "var")),
+                   help="where key_file.json, logs and TorchServe's pid file go (default var/)")
+    p.add_argument("--no-build", action="store_true", help="never (re)build the built-in archives")
+    p.add_argument("--startup-timeout", type=float, default=300)
+    args = p.parse_args(argv)
+
+    try:
+        check_prerequisites()
+        if not args.config.is_file():
+            raise LaunchError(f"config file not found: {args.config}")
+        props = read_properties(args.config)
+        store = args.model_store.resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        models = []
+        for item in args.models:
+            name, _, file = item.partition("=")
+            file = file or f"{name}.mar"
+            mar = store / file
+            if not args.no_build and "=" not in item and archive_is_stale(mar):
+                from ..models import get_spec
+
+                print(f"pathway-serve: building {mar}", file=sys.stderr, flush=True)
+                build_archive(get_spec(name), store)
+            if not mar.is_file():
+                raise LaunchError(f"no archive {mar}; build it with pathway-archive")
+            models.append(f"{name}={file}")
+    except (LaunchError, RuntimeError, ValueError) as err:
+        print(f"pathway-serve: error: {err}", file=sys.stderr)
+        return 3
+
+    run_dir = args.run_dir.resolve()
+    for sub in ("tmp", "logs"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    key_file = run_dir / "key_file.json"
+    key_file.unlink(missing_ok=True)
+    env = dict(os.environ, TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
+               LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
+    cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
+           "--ts-config", str(args.config.resolve()), "--model-store", str(store), "--models", *models]
+    proc = subprocess.Popen(cmd, cwd=run_dir, env=env)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            subprocess.run([sys.executable, "-m", "ts.model_server", "--stop"], cwd=run_dir, env=env,
+                           capture_output=True, timeout=90)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
+
+    def wait_or_stop() -> Optional[int]:
+        """Wait for TorchServe to exit; on SIGTERM/SIGINT stop it first. Its status, or 0 when we stopped it."""
+        while proc.poll() is None:
+            if stopping:
+                stop()
+                return 0
+            time.sleep(0.2)
+        return proc.returncode
+
+    address = effective(props, "inference_address", "http://127.0.0.1:8080").rstrip("/")
+    token_off = effective(props, "disable_token_authorization", "false").lower() == "true"
+    try:
+        keys = wait_ready(address, proc, None if token_off else key_file, args.startup_timeout,
+                          lambda: bool(stopping))
+    except LaunchError as err:
+        print(f"pathway-serve: error: {err} (logs: {run_dir / 'logs'})", file=sys.stderr)
+        stop()
+        return 4
+    if stopping:
+        stop()
+        return 0
+    names = [m.split("=")[0] for m in models]
+    print(f"\npathway-serve: ready on {address} with {', '.join(names)} (keys: {key_file}; logs: "
+          f"{run_dir / 'logs'})\n{curl_examples(address, names[0], keys, sample_photo())}\n", flush=True)
+    return wait_or_stop()
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,252 @@
+"""What TorchServe hands a handler, turned into images and raw options per instance.
+
+One HTTP request becomes a :class:`ParsedRequest` holding one or more
+:class:`Instance` (KServe bodies may carry several). Shapes seen by ``handle``
+(TorchServe 0.12):
+
+- raw body (``curl -T img.jpg``, ``--data-binary`` with an image or octet-stream type): ``{"body": bytearray}``;
+- JSON (``Content-Type: application/json``): ``{"body": dict}``, or bytes if it was malformed;
+- ``text/*``: ``{"body": str}``;
+- multipart form: one key per field, ``{"data": bytearray, "target": bytearray(b"281")}``.
+
+Options come from the JSON body, multipart fields and ``X-Explain-*`` headers
+(URL query parameters never reach a handler). Nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from ..errors import ExplainError, InvalidImage, InvalidOption
+
+IMAGE_FIELDS = ("image", "data", "file", "b64", "bytes")
+HEADER_PREFIX = "x-explain-"
+
+
+class BadRequest(ExplainError):
+    type = "bad_request"
+
+
+class UnsupportedMediaType(ExplainError):
+    status = 415
+    type = "unsupported_media_type"
+
+
+@dataclass
+class Instance:
+    image: bytes
+    options: dict = field(default_factory=dict)  # raw (untyped) options, request-level merged with instance-level
+
+
+@dataclass
+class ParsedRequest:
+    protocol: str  # "plain", "kserve_v1" or "kserve_v2"
+    explain: bool
+    instances: list = field(default_factory=list)
+    wants_png: bool = False
+    request_id: Optional[str] = None
+    error: Optional[ExplainError] = None
+
+
+def lower_headers(headers: Mapping[str, Any]) -> dict:
+    """HTTP headers with lower-case names (TorchServe keeps the client's spelling)."""
+    return {str(k).lower(): v for k, v in (headers or {}).items()}
+
+
+def header_options(headers: Mapping[str, Any]) -> dict:
+    return {k[len(HEADER_PREFIX):]: v for k, v in headers.items()
+            if k.startswith(HEADER_PREFIX) and isinstance(v, str)}
+
+
+def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], *, max_instances: int = 16) -> ParsedRequest:
+    """Parse one request of a batch; failures are returned in ``error``, never raised."""
+    headers = lower_headers(headers)
+    explain = str(headers.get("explain", "")).lower() == "true"
+    accept = str(headers.get("accept", "")).lower()
+    request = ParsedRequest(protocol="plain", explain=explain)
+    try:
+        _parse_into(request, dict(row), headers, max_instances)
+        request.wants_png = explain and request.protocol == "plain" and "image/png" in accept \
+            and "application/json" not in accept
+    except ExplainError as err:
+        request.error = err
+    return request
+
+
+def _parse_into(request: ParsedRequest, row: dict, headers: dict, max_instances: int) -> None:
+    from_headers = header_options(headers)
+    if "body" in row and len(row) == 1:
+        body = row["body"]
+        content_type = _param_content_type(headers, "body")
+        if isinstance(body, dict):
+            _parse_json(request, body, from_headers, max_instances)
+        elif isinstance(body, list):
+            raise BadRequest("a JSON body must be an object such as {\"image\": \"<base64>\"}, not a list")
+        elif isinstance(body, str):
+            raise UnsupportedMediaType(
+                f"cannot read a {content_type or 'text'} body: send the image bytes (Content-Type "
+                "application/octet-stream or image/*, e.g. curl -T photo.jpg), JSON {\"image\": \"<base64>\"} "
+                "or a multipart form with a 'data' field")
+        elif isinstance(body, (bytes, bytearray)):
+            if "json" in content_type:
+                raise BadRequest(f"malformed JSON body: {_json_error(body)}", type="malformed_json")
+            if "x-www-form-urlencoded" in content_type:
+                raise UnsupportedMediaType(
+                    "the body was sent as a URL-encoded form (curl --data-binary without a content type); "
+                    "use curl -T photo.jpg or -H 'Content-Type: application/octet-stream'")
+            request.instances = [Instance(bytes(body), from_headers)]
+        else:
+            raise BadRequest("empty request: send an image")
+        return
+    _parse_multipart(request, row, from_headers)
+
+
+def _parse_multipart(request: ParsedRequest, fields: dict, from_headers: dict) -> None:
+    image_key = next((k for k in IMAGE_FIELDS if k in fields), None)
+    if image_key is None:
+        names = ", ".join(sorted(fields)) or "none"
+        raise BadRequest(f"multipart request has no image field: name it 'data' (or 'image'); got fields: {names}",
+                         type="missing_image")
+    image = fields.pop(image_key)
+    if isinstance(image, dict):
+        raise BadRequest(f"multipart field {image_key!r} holds JSON, not image bytes")
+    if isinstance(image, str):
+        image = image.encode("latin-1", "replace")
+    options = dict(from_headers)
+    for name, value in fields.items():
+        if name in IMAGE_FIELDS:
+            raise BadRequest(f"send one image per multipart request (found both {image_key!r} and {name!r})")
+        options[name] = _option_value(name, value)
+    request.instances = [Instance(bytes(image), options)]
+
+
+def _parse_json(request: ParsedRequest, body: dict, from_headers: dict, max_instances: int) -> None:
+    if "instances" in body:
+        request.protocol = "kserve_v1"
+        instances = body["instances"]
+        shared = dict(from_headers)
+        shared.update(_parameters(body.get("parameters")))
+        if not isinstance(instances, list) or not instances:
+            raise BadRequest("'instances' must be a non-empty list")
+        _check_count(len(instances), max_instances)
+        request.instances = [_json_instance(item, shared, f"instances[{i}]") for i, item in enumerate(instances)]
+        return
+    if "inputs" in body:
+        request.protocol = "kserve_v2"
+        _parse_v2(request, body, from_headers, max_instances)
+        return
+    request.instances = [_json_instance(body, from_headers, "body")]
+
+
+def _json_instance(item: Any, shared: dict, where: str) -> Instance:
+    if isinstance(item, str):
+        return Instance(decode_base64(item, where), dict(shared))
+    if not isinstance(item, dict):
+        raise BadRequest(f"{where} must be an object with an 'image' field or a base64 string")
+    item = dict(item)
+    key = next((k for k in IMAGE_FIELDS if k in item), None)
+    if key is None:
+        raise BadRequest(f"{where} has no image: add \"image\": \"<base64>\" (or {{\"b64\": \"<base64>\"}})",
+                         type="missing_image")
+    image = decode_base64(item.pop(key), f"{where}.{key}")
+    options = dict(shared)
+    options.update(_parameters(item.pop("parameters", None)))
+    options.update(item)
+    return Instance(image, options)
+
+
+def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instances: int) -> None:
+    inputs = body["inputs"]
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    request.request_id = body.get("id") if isinstance(body.get("id"), str) else None
+    shared = dict(from_headers)
+    shared.update(_parameters(body.get("parameters")))
+    images = None
+    for tensor in inputs:
+        if not isinstance(tensor, dict) or "data" not in tensor:
+            raise BadRequest("each of 'inputs' must be an object with 'name', 'datatype', 'shape' and 'data'")
+        name = str(tensor.get("name", ""))
+        data = tensor["data"]
+        if not isinstance(data, list):
+            data = [data]
+        if tensor.get("datatype") == "BYTES" and images is None and (name in IMAGE_FIELDS or name.startswith("image")
+                                                                     or name.startswith("input")):
+            images = data
+            shared.update(_parameters(tensor.get("parameters")))
+        elif data:
+            shared[name] = data[0] if len(data) == 1 else data
+    if images is None:
+        raise BadRequest("no image among 'inputs': send a BYTES tensor named 'image' whose data are base64 strings",
+                         type="missing_image")
+    if not images:
+        raise BadRequest("the image tensor has no data")
+    _check_count(len(images), max_instances)
+    request.instances = [Instance(decode_base64(item, f"inputs.image[{i}]"), dict(shared))
+                         for i, item in enumerate(images)]
+
+
+def _check_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise BadRequest(f"{count} images in one request; this server takes at most {limit}", type="too_many_instances",
+                         status=413)
+
+
+def _parameters(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest("'parameters' must be an object of options")
+    return dict(value)
+
+
+def _option_value(name: str, value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidOption(f"multipart field {name!r} is not UTF-8 text") from None
+    return value
+
+
+def decode_base64(value: Any, where: str) -> bytes:
+    """Standard or URL-safe base64, with or without a ``data:image/...;base64,`` prefix."""
+    if isinstance(value, dict):
+        if "b64" not in value:
+            raise BadRequest(f"{where} must be a base64 string or {{\"b64\": \"<base64>\"}}")
+        value = value["b64"]
+    if not isinstance(value, str):
+        raise BadRequest(f"{where} must be a base64 string, not {type(value).__name__}", type="bad_base64")
+    text = value.strip()
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    text = "".join(text.split())
+    if not text:
+        raise InvalidImage(f"{where} is empty", type="empty_image")
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadRequest(f"{where} is not valid base64: {err}", type="bad_base64") from None
+
+
+def _param_content_type(headers: dict, param: str) -> str:
+    value = headers.get(param)
+    if isinstance(value, dict):
+        return str(value.get("content-type", "")).lower()
+    return str(headers.get("content-type", "")).lower()
+
+
+def _json_error(body: bytes) -> str:
+    try:
+        json.loads(bytes(body).decode("utf-8"))
+    except UnicodeDecodeError:
+        return "the body is not UTF-8 text"
+    except json.JSONDecodeError as err:
+        return str(err)
+    return "unreadable"

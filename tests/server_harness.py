@@ -1,0 +1,96 @@
+"""Start a real TorchServe on free loopback ports through ``pathway-serve`` (the entry point users and Docker run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A TorchServe started by ``pathway-serve`` in its own run directory, stopped with SIGTERM."""
+
+    def __init__(self, run_dir: Path, model_store: Path, models=("efficientnet_lite0",), env=None,
+                 config: Path = ROOT / "config.properties"):
+        self.run_dir = run_dir
+        self.ports = {name: free_port() for name in ("inference", "management", "metrics")}
+        self.url = f"http://127.0.0.1:{self.ports['inference']}"
+        self.management_url = f"http://127.0.0.1:{self.ports['management']}"
+        self.metrics_url = f"http://127.0.0.1:{self.ports['metrics']}"
+        self.env = dict(os.environ)
+        self.env.update({f"TS_{name.upper()}_ADDRESS": f"http://127.0.0.1:{port}" for name, port in self.ports.items()})
+        self.env.update(env or {})
+        exe = Path(sys.executable).with_name("pathway-serve")
+        self.cmd = [str(exe), "--config", str(config), "--model-store", str(model_store), "--run-dir", str(run_dir),
+                    "--no-build", "--models", *models]
+        self.proc = None
+        self.keys = None
+
+    def start(self, timeout: float = 300) -> "Server":
+        self.log = open(self.run_dir / "pathway-serve.out", "w") if self.run_dir.exists() else None
+        if self.log is None:
+            self.run_dir.mkdir(parents=True)
+            self.log = open(self.run_dir / "pathway-serve.out", "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        out = self.run_dir / "pathway-serve.out"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pathway-serve exited with {self.proc.returncode}:\n{out.read_text()[-4000:]}")
+            if "pathway-serve: ready" in out.read_text(errors="replace"):
+                self.keys = json.loads((self.run_dir / "key_file.json").read_text())
+                return self
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"pathway-serve not ready in {timeout} s:\n{out.read_text()[-4000:]}")
+
+    @property
+    def token(self) -> str:
+        return self.keys["inference"]["key"]
+
+    def headers(self, **extra) -> dict:
+        return {"Authorization": f"Bearer {self.token}", **extra}
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        headers = self.headers(**kwargs.pop("headers", {}))
+        return requests.post(f"{self.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 300), **kwargs)
+
+    def model_log(self) -> str:
+        path = self.run_dir / "logs" / "model_log.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log:
+            self.log.close()
+        return self.proc.returncode if self.proc else 0
+
+
+def build_test_archive(store: Path, *, batch_size: int = 4, max_batch_delay: int = 300) -> Path:
+    """The default model's archive with a batching window wide enough for concurrent test clients to share."""
+    from handler.models import get_spec
+    from handler.serving.archive import DEFAULT_WORKER_CONFIG, build_archive
+
+    worker = dict(DEFAULT_WORKER_CONFIG, batchSize=batch_size, maxBatchDelay=max_batch_delay)
+    return build_archive(get_spec("efficientnet_lite0"), store, worker_config=worker)
