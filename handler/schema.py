@@ -60,6 +60,7 @@ class Limits:
     image_formats: tuple = DEFAULT_FORMATS
     default_outputs: tuple = DEFAULT_OUTPUTS
     default_colormap: str = "inferno"
+    max_overlay_pixels: int = 12_000_000  # larger photos get an overlay scaled down to this many pixels
     method_caps: dict = field(default_factory=dict)  # e.g. {"steps": 64}: maxima of numeric method options
 
     @classmethod

@@ -129,9 +129,14 @@ class ExplanationService:
             artifacts["heatmap"] = png_bytes(
                 render_heatmap(explanation.attribution, options.colormap, options.polarity))
         if "overlay" in options.outputs:
+            photo, box = image, self.preprocessor.crop_box(image.size)
+            scale = (self.limits.max_overlay_pixels / (image.width * image.height)) ** 0.5
+            if scale < 1:  # keep responses bounded for very large photos
+                photo = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+                box = type(box)(box.left * scale, box.top * scale, box.right * scale, box.bottom * scale)
+                document["explanation"]["overlay_size"] = list(photo.size)
             artifacts["overlay"] = png_bytes(render_overlay(
-                image, explanation.attribution, self.preprocessor.crop_box(image.size),
-                options.colormap, options.polarity))
+                photo, explanation.attribution, box, options.colormap, options.polarity))
         if "attribution" in options.outputs:
             artifacts["attribution"] = npy_bytes(explanation.attribution.astype(attribution_dtype))
         return ExplainResult(document, artifacts, explanation.attribution)

@@ -103,3 +103,17 @@ def test_selection_options_pass_through(tmp_path, photos):
     assert run(["--out", str(tmp_path), "--option", "signed=true", str(photos["coffee"])]) == 0
     pathway = json.loads((tmp_path / "coffee.json").read_text())["explanation"]["pathway"]
     assert pathway["selection"] == "contribution_signed"
+
+
+def test_overlay_of_a_huge_photo_is_scaled_to_the_limit(photos):
+    import io
+
+    from handler import ExplanationService, load_model, parse_options
+    from handler.schema import Limits
+
+    service = ExplanationService(load_model("efficientnet_lite0"), limits=Limits(max_overlay_pixels=60_000))
+    image = service.decode(photos["coffee"].read_bytes())  # 600 x 400 = 240 000 pixels
+    [result] = service.explain([image], [parse_options({"outputs": ["overlay"]})])
+    overlay = Image.open(io.BytesIO(result.artifacts["overlay"]))
+    assert overlay.size == (300, 200)
+    assert result.document["explanation"]["overlay_size"] == [300, 200]

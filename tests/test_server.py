@@ -215,7 +215,7 @@ BAD_REQUESTS = [
     ("target out of range", dict(json={"image": "PHOTO", "target": 1000}), 400, "target_out_of_range"),
     ("unknown label", dict(json={"image": "PHOTO", "target": "unicorn"}), 400, "unknown_label"),
     ("sparsity outside [0, 1)", dict(json={"image": "PHOTO", "sparsity": 1.5}), 400, "invalid_sparsity"),
-    ("top_k too large", dict(json={"image": "PHOTO", "top_k": 5000}), 400, "invalid_top_k"),
+    ("top_k above the archive's cap of 20", dict(json={"image": "PHOTO", "top_k": 21}), 400, "invalid_top_k"),
     ("unknown output", dict(json={"image": "PHOTO", "outputs": ["video"]}), 400, "unknown_output"),
     ("unknown option", dict(json={"image": "PHOTO", "sparcity": 0.5}), 400, "unknown_option"),
     ("multipart without image", dict(files={"target": (None, "3")}), 400, "missing_image"),
@@ -253,6 +253,8 @@ def test_each_bad_request_gets_its_own_4xx_and_the_worker_stays_up(server, coffe
     assert body["code"] == status and body["message"]
     if type_:
         assert body["type"] == type_
+    if type_ == "invalid_top_k":  # the cap comes from the archive's model-config.yaml, not the code default
+        assert "between 1 and 20" in body["message"]
     after = server.post(f"/predictions/{MODEL}", data=coffee, headers={"Content-Type": "application/octet-stream"})
     assert after.status_code == 200 and after.json()["predictions"][0]["label"] == "espresso"
 

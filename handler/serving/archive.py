@@ -40,7 +40,7 @@ DEFAULT_PATHWAY_CONFIG = {
     "max_instances_per_request": 16,
     "limits": {
         "default_top_k": 5,
-        "max_top_k": 100,
+        "max_top_k": 20,
         "max_image_pixels": 40_000_000,
         "default_outputs": ["heatmap", "pathway"],
         "method_caps": {"steps": 128, "samples": 64, "iterations": 300, "copies": 64},
