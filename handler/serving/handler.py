@@ -106,6 +106,8 @@ class PathwayHandler:
                 for plan in members:
                     try:
                         self._run_group([plan], explain)
+                    except ExplainError as err:  # a request error the engine found only while running
+                        plan["error"] = err
                     except Exception as err:  # noqa: BLE001 - isolated to this request
                         logger.exception("request failed on its own")
                         plan["error"] = InternalError(f"the explanation failed: {type(err).__name__}: {err}")
