@@ -6,6 +6,7 @@
 - :mod:`.reduce` reduces channels; :mod:`.explainer` ties them together per batch.
 """
 
+from .events import BatchSplit, report_split
 from .explainer import Explainer, ExplainRequest, Explanation, explaining
 from .methods import METHODS, Attribution, register_method
 from .pathways import SELECTIONS, Pathway, keep_above_quantile, run_along
@@ -13,7 +14,7 @@ from .reduce import REDUCTIONS
 from .sites import Site, SiteLayout, SiteMismatchError, instrument, trace_sites
 
 __all__ = [
-    "Attribution", "ExplainRequest", "Explainer", "Explanation", "METHODS", "Pathway", "REDUCTIONS",
+    "Attribution", "BatchSplit", "ExplainRequest", "Explainer", "Explanation", "METHODS", "Pathway", "REDUCTIONS",
     "SELECTIONS", "Site", "SiteLayout", "SiteMismatchError", "explaining", "instrument",
-    "keep_above_quantile", "register_method", "run_along", "trace_sites",
+    "keep_above_quantile", "register_method", "report_split", "run_along", "trace_sites",
 ]
