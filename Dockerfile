@@ -38,7 +38,7 @@ RUN groupadd --gid 10001 model-server \
     && useradd --uid 10001 --gid model-server --create-home --home-dir /home/model-server \
         --shell /usr/sbin/nologin model-server
 
-# Dependencies first (a layer that survives source edits), pinned by constraints.txt.
+# The project and its dependencies, pinned by constraints.txt (the exact versions the tests ran with).
 WORKDIR /opt/pathway
 COPY pyproject.toml constraints.txt README.md ./
 COPY handler/ handler/

@@ -95,13 +95,23 @@ def server_archive(tmp_path_factory):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["kserve", "kservev2"])
-def envelope_server(request, server_archive, tmp_path_factory):
+def start_with_envelope(envelope, server_archive, tmp_path_factory):
     from server_harness import Server
 
-    srv = Server(tmp_path_factory.mktemp(f"run_{request.param}"), server_archive.parent,
-                 env={"TS_SERVICE_ENVELOPE": request.param}).start()
-    srv.envelope = request.param
+    return Server(tmp_path_factory.mktemp(f"run_{envelope}"), server_archive.parent,
+                  env={"TS_SERVICE_ENVELOPE": envelope}).start()
+
+
+@pytest.fixture(scope="module")
+def v1_server(server_archive, tmp_path_factory):
+    srv = start_with_envelope("kserve", server_archive, tmp_path_factory)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def v2_server(server_archive, tmp_path_factory):
+    srv = start_with_envelope("kservev2", server_archive, tmp_path_factory)
     yield srv
     srv.stop()
 
@@ -123,12 +133,10 @@ def v1(server, route: str, instances: list):
     return server.post(route, json={"instances": instances})
 
 
-def test_v1_explain_keeps_predictions_next_to_each_explanation(envelope_server, server, coffee, chelsea):
-    if envelope_server.envelope != "kserve":
-        pytest.skip("v1 bodies need the kserve envelope")
+def test_v1_explain_keeps_predictions_next_to_each_explanation(v1_server, server, coffee, chelsea):
     instances = [{"image": {"b64": b64(coffee)}, "outputs": ["attribution", "pathway"]},
                  {"image": {"b64": b64(chelsea)}, "target": 282, "outputs": ["attribution", "pathway"]}]
-    reply = v1(envelope_server, f"/v1/models/{MODEL}:explain", instances)
+    reply = v1(v1_server, f"/v1/models/{MODEL}:explain", instances)
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert set(body) == {"explanations"}  # the envelope's wrapper; each document carries its predictions
@@ -147,26 +155,22 @@ def test_v1_explain_keeps_predictions_next_to_each_explanation(envelope_server, 
     assert np.corrcoef(attribution(second).ravel(), attribution(plain).ravel())[0, 1] > 0.999
 
 
-def test_v1_predict_and_the_routes_the_kserve_wrapper_calls(envelope_server, coffee):
-    if envelope_server.envelope != "kserve":
-        pytest.skip("v1 bodies need the kserve envelope")
-    predict = v1(envelope_server, f"/v1/models/{MODEL}:predict", [{"image": {"b64": b64(coffee)}}, b64(coffee)])
+def test_v1_predict_and_the_routes_the_kserve_wrapper_calls(v1_server, coffee):
+    predict = v1(v1_server, f"/v1/models/{MODEL}:predict", [{"image": {"b64": b64(coffee)}}, b64(coffee)])
     assert predict.status_code == 200, predict.text
     assert [p[0]["label"] for p in predict.json()["predictions"]] == ["espresso", "espresso"]
     # KServe's TorchServe wrapper forwards :predict / :explain to /predictions/{m} and /explanations/{m}.
-    explain = v1(envelope_server, f"/explanations/{MODEL}", [{"image": {"b64": b64(coffee)}, "method": "gradient"}])
+    explain = v1(v1_server, f"/explanations/{MODEL}", [{"image": {"b64": b64(coffee)}, "method": "gradient"}])
     assert explain.status_code == 200, explain.text
     [document] = explain.json()["explanations"]
     assert document["predictions"][0]["label"] == "espresso" and "heatmap" in document["explanation"]
 
 
-def test_v1_envelope_bad_instance_is_a_4xx_with_the_error_document(envelope_server, coffee):
-    if envelope_server.envelope != "kserve":
-        pytest.skip("v1 bodies need the kserve envelope")
-    reply = v1(envelope_server, f"/v1/models/{MODEL}:explain", [{"image": {"b64": b64(coffee)}, "target": 5000}])
+def test_v1_envelope_bad_instance_is_a_4xx_with_the_error_document(v1_server, coffee):
+    reply = v1(v1_server, f"/v1/models/{MODEL}:explain", [{"image": {"b64": b64(coffee)}, "target": 5000}])
     assert reply.status_code == 400
     assert reply.json()["explanations"][0]["type"] == "target_out_of_range"
-    empty = v1(envelope_server, f"/v1/models/{MODEL}:explain", [])
+    empty = v1(v1_server, f"/v1/models/{MODEL}:explain", [])
     assert empty.status_code == 400 and empty.json()["explanations"][0]["type"] == "missing_image"
 
 
@@ -184,10 +188,8 @@ def outputs_of(reply) -> dict:
     return {o["name"]: o for o in reply.json()["outputs"]}
 
 
-def test_v2_explain_returns_predictions_and_explanations_outputs(envelope_server, chelsea):
-    if envelope_server.envelope != "kservev2":
-        pytest.skip("v2 bodies need the kservev2 envelope")
-    reply = envelope_server.post(f"/v2/models/{MODEL}/explain", json=v2_body(chelsea, target=282, method="gradient"))
+def test_v2_explain_returns_predictions_and_explanations_outputs(v2_server, chelsea):
+    reply = v2_server.post(f"/v2/models/{MODEL}/explain", json=v2_body(chelsea, target=282, method="gradient"))
     assert reply.status_code == 200, reply.text
     assert reply.json()["id"] == "req-42" and reply.json()["model_name"] == MODEL
     outputs = outputs_of(reply)
@@ -199,22 +201,18 @@ def test_v2_explain_returns_predictions_and_explanations_outputs(envelope_server
     assert document["predictions"] == predictions and predictions[0]["index"] in (281, 282, 285)
 
 
-def test_v2_infer_and_the_route_the_kserve_wrapper_calls(envelope_server, coffee):
-    if envelope_server.envelope != "kservev2":
-        pytest.skip("v2 bodies need the kservev2 envelope")
+def test_v2_infer_and_the_route_the_kserve_wrapper_calls(v2_server, coffee):
     for route in (f"/v2/models/{MODEL}/infer", f"/predictions/{MODEL}"):
-        reply = envelope_server.post(route, json=v2_body(coffee))
+        reply = v2_server.post(route, json=v2_body(coffee))
         assert reply.status_code == 200, reply.text
         outputs = outputs_of(reply)
         assert set(outputs) == {"predictions"}
         assert json.loads(outputs["predictions"]["data"][0])[0]["label"] == "espresso"
 
 
-def test_v2_envelope_refuses_the_images_it_would_drop(envelope_server, coffee):
-    if envelope_server.envelope != "kservev2":
-        pytest.skip("v2 bodies need the kservev2 envelope")
+def test_v2_envelope_refuses_the_images_it_would_drop(v2_server, coffee):
     body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [b64(coffee), b64(coffee)]}]}
-    reply = envelope_server.post(f"/v2/models/{MODEL}/explain", json=body)
+    reply = v2_server.post(f"/v2/models/{MODEL}/explain", json=body)
     assert reply.status_code == 400
     error = json.loads(outputs_of(reply)["error"]["data"][0])
     assert error["type"] == "unsupported_by_envelope"
