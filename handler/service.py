@@ -9,6 +9,7 @@ its slot and explains the rest of the batch together.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .engine import Explainer, ExplainRequest, InputNormalisation
+from .engine import BatchSplit, Explainer, ExplainRequest, InputNormalisation
 from .errors import ExplainError, InvalidOption
 from .imaging import Preprocessor, decode_image, npy_bytes, png_bytes, render_heatmap, render_overlay
 from .models import LoadedModel, ModelSpec, load_model
@@ -29,11 +30,26 @@ def request_of(options: RequestOptions) -> ExplainRequest:
                           reduce=options.reduce, selection=options.selection, options=options.method_options)
 
 
+class ServiceObserver:
+    """What the service reports about its work, for a front end's metrics; this default ignores it.
+
+    The TorchServe handler passes one that records Prometheus metrics
+    (``handler/serving/metrics.py``); the CLI passes none.
+    """
+
+    def stage(self, stage: str, kind: str, seconds: float, images: int) -> None:
+        """``stage`` ("engine": the model's passes, "render": PNG/.npy outputs) took ``seconds`` for ``images``."""
+
+    def batch_split(self, split: BatchSplit) -> None:
+        """The engine retried a batch in smaller parts (see :mod:`handler.engine.events`)."""
+
+
 @dataclass
 class ExplainResult:
     document: dict  # the response document, without binary outputs
     artifacts: dict = field(default_factory=dict)  # output name -> bytes (PNG / .npy)
     attribution: Optional[np.ndarray] = None  # [H, W] float32, signed, max |·| = 1
+    realised_sparsity: Optional[float] = None  # of the pathway followed (also when the summary is not returned)
 
     def inline(self) -> dict:
         """The document with its binary outputs base64-encoded, as the server returns it."""
@@ -41,7 +57,8 @@ class ExplainResult:
 
 
 class ExplanationService:
-    def __init__(self, loaded: LoadedModel, device: Union[str, torch.device] = "cpu", limits: Limits = Limits()):
+    def __init__(self, loaded: LoadedModel, device: Union[str, torch.device] = "cpu", limits: Limits = Limits(),
+                 observer: Optional[ServiceObserver] = None):
         self.spec: ModelSpec = loaded.spec
         self.name = loaded.spec.name
         self.labels = loaded.labels
@@ -57,6 +74,8 @@ class ExplanationService:
             default_reduce=defaults.get("reduce", "max_abs"),
             normalisation=InputNormalisation(loaded.spec.preprocessing.mean, loaded.spec.preprocessing.std),
         )
+        self.observer = observer or ServiceObserver()
+        self.explainer.on_batch_split = self.observer.batch_split
 
     @classmethod
     def from_spec(cls, spec, device="cpu", limits: Limits = Limits()) -> "ExplanationService":
@@ -70,7 +89,9 @@ class ExplanationService:
         return decode_image(data, self.limits.image)
 
     def predict(self, images: Sequence[Image.Image], options: Sequence[RequestOptions]) -> list:
+        started = time.perf_counter()
         probabilities = self.explainer.predict(self.preprocessor.batch(images)).cpu().numpy()
+        self.observer.stage("engine", "predict", time.perf_counter() - started, len(images))
         return [prediction_document(self.name, p, self.labels, o.top_k) for p, o in zip(probabilities, options)]
 
     def explain(
@@ -95,10 +116,14 @@ class ExplanationService:
             valid.append(i)
         if not valid:
             return results
+        started = time.perf_counter()
         batch = self.preprocessor.batch([images[i] for i in valid])
         explanations = self.explainer.explain_requests(batch, requests)
+        rendering = time.perf_counter()
+        self.observer.stage("engine", "explain", rendering - started, len(valid))
         for i, explanation in zip(valid, explanations):
             results[i] = self._render(images[i], options[i], explanation, attribution_dtype)
+        self.observer.stage("render", "explain", time.perf_counter() - rendering, len(valid))
         return results
 
     def _check_caps(self, request: ExplainRequest) -> None:
@@ -140,7 +165,8 @@ class ExplanationService:
                 photo, explanation.attribution, box, options.colormap, options.polarity))
         if "attribution" in options.outputs:
             artifacts["attribution"] = npy_bytes(explanation.attribution.astype(attribution_dtype))
-        return ExplainResult(document, artifacts, explanation.attribution)
+        realised = explanation.pathway.get("realised_sparsity") if explanation.pathway else None
+        return ExplainResult(document, artifacts, explanation.attribution, realised)
 
 
 def open_image(source, limits=None) -> Image.Image:

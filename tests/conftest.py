@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +42,28 @@ def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("run"), store).start()
     yield srv
     srv.stop()
+
+
+# ---------------------------------------------------------------------------
+# Measurements (timings, memory, failure counts) are reported, never asserted against a speed
+# ---------------------------------------------------------------------------
+
+_MEASUREMENTS: dict = {}
+RESULTS_FILE = Path(__file__).resolve().parents[1] / "var" / "test-results" / "production.json"
+
+
+@pytest.fixture(scope="session")
+def measurements():
+    """A dict a test fills with what it measured; printed at the end of the run and saved to var/test-results/."""
+    return _MEASUREMENTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _MEASUREMENTS:
+        return
+    terminalreporter.section("production measurements")
+    for name, values in _MEASUREMENTS.items():
+        terminalreporter.write_line(f"{name}: {json.dumps(values, sort_keys=True)}")
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(_MEASUREMENTS, indent=2, sort_keys=True) + "\n")
+    terminalreporter.write_line(f"(saved to {RESULTS_FILE})")

@@ -33,7 +33,13 @@ class Server:
         self.management_url = f"http://127.0.0.1:{self.ports['management']}"
         self.metrics_url = f"http://127.0.0.1:{self.ports['metrics']}"
         self.env = dict(os.environ)
+        # pathway-serve is the venv's console script, whose package may be installed from another checkout:
+        # put this checkout first so the launcher (and the archive builder it imports) are the ones under test.
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         self.env.update({f"TS_{name.upper()}_ADDRESS": f"http://127.0.0.1:{port}" for name, port in self.ports.items()})
+        # gRPC listens too (7070/7071 by default, loopback): give it free ports so servers can run side by side.
+        self.grpc_ports = {name: free_port() for name in ("inference", "management")}
+        self.env.update({f"TS_GRPC_{name.upper()}_PORT": str(port) for name, port in self.grpc_ports.items()})
         self.env.update(env or {})
         exe = Path(sys.executable).with_name("pathway-serve")
         self.cmd = [str(exe), "--config", str(config), "--model-store", str(model_store), "--run-dir", str(run_dir),
@@ -70,6 +76,34 @@ class Server:
         headers = self.headers(**kwargs.pop("headers", {}))
         return requests.post(f"{self.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 300), **kwargs)
 
+    @property
+    def management_token(self) -> str:
+        return self.keys["management"]["key"]
+
+    def management(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Bearer {self.management_token}", **kwargs.pop("headers", {})}
+        return requests.request(method, f"{self.management_url}{path}", headers=headers,
+                                timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def metrics(self) -> str:
+        """The Prometheus exposition of the metrics address."""
+        reply = requests.get(f"{self.metrics_url}/metrics", timeout=60)
+        reply.raise_for_status()
+        return reply.text
+
+    def engine_source(self, timeout: float = 30) -> str:
+        """Where the worker's handler code comes from (its "pathway handler ready" log line, which TorchServe's
+        logger may write a little after the server answers /ping). TorchServe appends the archive's folder to
+        the worker's PYTHONPATH, so with this harness's PYTHONPATH the worker imports this checkout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.model_log().splitlines():
+                if "pathway handler ready" in line and "engine from " in line:
+                    return line.split("engine from ", 1)[1].strip().rstrip(")")
+            if time.monotonic() > deadline:
+                return ""
+            time.sleep(0.5)
+
     def model_log(self) -> str:
         path = self.run_dir / "logs" / "model_log.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -87,10 +121,10 @@ class Server:
         return self.proc.returncode if self.proc else 0
 
 
-def build_test_archive(store: Path, *, batch_size: int = 4, max_batch_delay: int = 300) -> Path:
+def build_test_archive(store: Path, *, batch_size: int = 4, max_batch_delay: int = 300, **worker) -> Path:
     """The default model's archive with a batching window wide enough for concurrent test clients to share."""
     from handler.models import get_spec
     from handler.serving.archive import DEFAULT_WORKER_CONFIG, build_archive
 
-    worker = dict(DEFAULT_WORKER_CONFIG, batchSize=batch_size, maxBatchDelay=max_batch_delay)
+    worker = dict(DEFAULT_WORKER_CONFIG, batchSize=batch_size, maxBatchDelay=max_batch_delay, **worker)
     return build_archive(get_spec("efficientnet_lite0"), store, worker_config=worker)

@@ -9,6 +9,7 @@
 """
 
 from . import baselines, selections  # noqa: F401  (registers the baseline methods and selection strategies)
+from .events import BatchSplit, report_split
 from .explainer import Explainer, ExplainRequest, Explanation, explaining
 from .methods import METHODS, Attribution, register_method
 from .normalisation import InputNormalisation
@@ -17,7 +18,7 @@ from .reduce import REDUCTIONS
 from .sites import Site, SiteLayout, SiteMismatchError, instrument, trace_sites
 
 __all__ = [
-    "Attribution", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation", "METHODS", "Pathway",
-    "REDUCTIONS", "SELECTIONS", "Site", "SiteLayout", "SiteMismatchError", "explaining", "instrument",
-    "keep_above_quantile", "register_method", "run_along", "trace_sites",
+    "Attribution", "BatchSplit", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation", "METHODS",
+    "Pathway", "REDUCTIONS", "SELECTIONS", "Site", "SiteLayout", "SiteMismatchError", "explaining", "instrument",
+    "keep_above_quantile", "register_method", "report_split", "run_along", "trace_sites",
 ]

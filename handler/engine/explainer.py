@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidOption, InvalidTarget
+from .events import BatchSplitListener
 from .methods import METHODS, Attribution
 from .normalisation import InputNormalisation
 from .pathways import SELECTIONS
@@ -77,6 +78,10 @@ def explaining(model: nn.Module) -> Iterator[None]:
 
 class Explainer:
     """Explains a classifier's predictions; batch in, one explanation per sample out."""
+
+    #: Called with a :class:`~handler.engine.events.BatchSplit` whenever a batch is retried in parts
+    #: (see :mod:`handler.engine.events`); ``None``: nobody listens.
+    on_batch_split: Optional[BatchSplitListener] = None
 
     def __init__(
         self,

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 
 from ..models import ModelLoadError, ModelSpec, Weights, get_spec, load_labels, spec_for_architecture, weights_path
 from .handler import SPEC_FILE
+from .metrics import ARCHIVE_NAME as METRICS_FILE
+from .metrics import SPEC_FILE as METRICS_SPEC
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ENTRY = Path(__file__).resolve().parent / "ts_entry" / "pathway_handler.py"
@@ -76,6 +78,9 @@ def stage_archive(spec: ModelSpec, stage: Path, worker_config: dict, pathway_con
     files.append(stage / SPEC_FILE)
     (stage / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
     files.append(stage / "requirements.txt")
+    # The handler's Prometheus metrics; pathway-serve registers them with the server (see metrics.py).
+    shutil.copyfile(METRICS_SPEC, stage / METRICS_FILE)
+    files.append(stage / METRICS_FILE)
     config = dict(worker_config)
     config["pathway"] = pathway_config
     import yaml

@@ -5,6 +5,16 @@ what the tests start, so the path a user takes is the path that is tested.
 TorchServe's own files (``key_file.json``, logs, its pid file) go to a run
 directory so several servers can live side by side. SIGTERM/SIGINT stop
 TorchServe (the Java frontend and its workers) before this process exits.
+
+Unless the configuration names its own ``metrics_config``, TorchServe is started
+with a copy of the configuration that points it at ``<run-dir>/metrics.yaml``:
+TorchServe's default metrics plus those the archives declare (TorchServe only
+exposes declared metrics; see :mod:`.metrics`).
+
+``pathway-serve --healthcheck`` is the container's health probe: it pings
+``/ping`` with the inference key from the run directory's key file (TorchServe
+0.12 wants it even there), renewing that key with the API key first if it has
+already expired, and exits 0 when the server answers Healthy.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .archive import DEFAULT_STORE, archive_is_stale, build_archive
+from .metrics import write_server_metrics_config
 
 ROOT = Path(__file__).resolve().parents[2]
 JAVA_HELP = ("TorchServe 0.12 needs Java 17 or newer. On Debian/Ubuntu: apt-get update && apt-get install -y "
@@ -120,6 +131,74 @@ def wait_ready(address: str, proc: subprocess.Popen, key_file: Optional[Path], t
     raise LaunchError(f"TorchServe was not healthy at {address}/ping within {timeout:.0f} s")
 
 
+def loopback(address: str) -> str:
+    """An address to reach a server bound to all interfaces (``0.0.0.0``/``[::]``) from inside its host."""
+    return re.sub(r"//(0\.0\.0\.0|\[::\])(?=[:/]|$)", "//127.0.0.1", address.rstrip("/"))
+
+
+def key_expired(entry: dict, now: Optional[float] = None) -> bool:
+    """Whether a key-file entry's ``expiration time`` (ISO 8601, UTC) has passed."""
+    from datetime import datetime
+
+    stamp = str(entry.get("expiration time", "")).replace("Z", "+00:00")
+    try:
+        expires = datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return False  # unknown format: let the ping decide
+    return (time.time() if now is None else now) >= expires
+
+
+def renew_key(management: str, keys: dict, kind: str = "inference", timeout: float = 5) -> bool:
+    """Ask TorchServe for a new ``kind`` key (with the API key, which does not expire); it rewrites the key file."""
+    request = urllib.request.Request(f"{management}/token?type={kind}", method="POST")
+    request.add_header("Authorization", f"Bearer {keys['API']['key']}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError, KeyError):
+        return False
+
+
+def healthcheck(config: Path, run_dir: Path, timeout: float = 5) -> int:
+    """0 when TorchServe answers ``/ping`` Healthy; 1 (and why, on stdout) otherwise."""
+    props = read_properties(config) if config.is_file() else {}
+    address = loopback(effective(props, "inference_address", "http://127.0.0.1:8080"))
+    token = None
+    if effective(props, "disable_token_authorization", "false").lower() != "true":
+        key_file = run_dir / "key_file.json"
+        keys = read_keys(key_file)
+        if not keys or "inference" not in keys:
+            print(f"unhealthy: no TorchServe key file at {key_file} (not started yet?)")
+            return 1
+        if key_expired(keys["inference"]):
+            # Nobody holds a working inference key any more: renewing one cuts no client off.
+            management = loopback(effective(props, "management_address", "http://127.0.0.1:8081"))
+            if not renew_key(management, keys):
+                print(f"unhealthy: the inference key expired at {keys['inference'].get('expiration time')} "
+                      f"and could not be renewed at {management}")
+                return 1
+            keys = read_keys(key_file) or keys
+            print(f"renewed the expired inference key (new one in {key_file})")
+        token = keys["inference"]["key"]
+    if ping(address, token, timeout=timeout):
+        print(f"healthy: {address}/ping")
+        return 0
+    print(f"unhealthy: {address}/ping did not answer Healthy")
+    return 1
+
+
+def serving_config(config: Path, props: dict, run_dir: Path, archives: Sequence[Path]) -> Path:
+    """The configuration TorchServe is started with: ``config`` itself when it names a ``metrics_config``;
+    otherwise a copy in ``run_dir`` that points at the merged metrics declarations (written there)."""
+    if "metrics_config" in props or os.environ.get("TS_METRICS_CONFIG"):
+        return config
+    metrics = write_server_metrics_config(run_dir / "metrics.yaml", archives)
+    copy = run_dir / "ts-config.properties"
+    copy.write_text(f"# Written by pathway-serve from {config}; edit that file, not this one.\n"
+                    + config.read_text().rstrip("\n") + f"\n\n# Added by pathway-serve:\nmetrics_config={metrics}\n")
+    return copy
+
+
 def curl_examples(address: str, model: str, keys: Optional[dict], photo: str) -> str:
     auth = f" -H 'Authorization: Bearer {keys['inference']['key']}'" if keys and "inference" in keys else ""
     lines = [
@@ -145,15 +224,21 @@ def sample_photo() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="pathway-serve", description="Serve predictions and pathway explanations "
                                 "with TorchServe (foreground; Ctrl-C stops it).")
-    p.add_argument("--config", type=Path, default=ROOT / "config.properties", help="TorchServe config.properties")
-    p.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
+    p.add_argument("--config", type=Path, default=Path(os.environ.get("PATHWAY_CONFIG", ROOT / "config.properties")),
+                   help="TorchServe config.properties (default $PATHWAY_CONFIG or config.properties)")
+    p.add_argument("--model-store", type=Path, default=Path(os.environ.get("PATHWAY_MODEL_STORE", DEFAULT_STORE)),
+                   help="where the .mar files are (default $PATHWAY_MODEL_STORE or model_store/)")
     p.add_argument("--models", nargs="*", default=["efficientnet_lite0"],
                    help="model names to load (NAME or NAME=FILE.mar from the model store)")
     p.add_argument("--run-dir", type=Path, default=Path(os.environ.get("PATHWAY_RUN_DIR", ROOT / "var")),
                    help="where key_file.json, logs and TorchServe's pid file go (default var/)")
     p.add_argument("--no-build", action="store_true", help="never (re)build the built-in archives")
     p.add_argument("--startup-timeout", type=float, default=300)
+    p.add_argument("--healthcheck", action="store_true",
+                   help="do not start anything: exit 0 when the server of this config and run directory is healthy")
     args = p.parse_args(argv)
+    if args.healthcheck:
+        return healthcheck(args.config, args.run_dir.resolve())
 
     try:
         check_prerequisites()
@@ -184,10 +269,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     key_file = run_dir / "key_file.json"
     key_file.unlink(missing_ok=True)
+    ts_config = serving_config(args.config.resolve(), props, run_dir, [store / m.split("=", 1)[1] for m in models])
     env = dict(os.environ, TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
                LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
     cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
-           "--ts-config", str(args.config.resolve()), "--model-store", str(store), "--models", *models]
+           "--ts-config", str(ts_config), "--model-store", str(store), "--models", *models]
     proc = subprocess.Popen(cmd, cwd=run_dir, env=env)
 
     def stop() -> None:

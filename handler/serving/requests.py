@@ -11,6 +11,14 @@ One HTTP request becomes a :class:`ParsedRequest` holding one or more
 
 Options come from the JSON body, multipart fields and ``X-Explain-*`` headers
 (URL query parameters never reach a handler). Nothing here touches the model.
+
+With a stock ``service_envelope`` (KServe's TorchServe runtime sets ``kserve`` or
+``kservev2``) the handler sees what the envelope parsed out of **request 0 only**:
+v1, the ``instances`` list (one row per instance dict or base64 string); v2, the
+``inputs`` list with each BYTES tensor's ``data`` replaced by its first element.
+:func:`envelope_of` recognises such rows (rows TorchServe delivers itself always
+carry bytes: a ``body`` or a file field) and :func:`parse_envelope` turns them
+into one :class:`ParsedRequest`.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ class Instance:
 
 @dataclass
 class ParsedRequest:
-    protocol: str  # "plain", "kserve_v1" or "kserve_v2"
+    protocol: str  # "plain", "kserve_v1", "kserve_v2", or "envelope_v1"/"envelope_v2" (a stock envelope parsed it)
     explain: bool
     instances: list = field(default_factory=list)
     wants_png: bool = False
@@ -250,3 +258,70 @@ def _json_error(body: bytes) -> str:
     except json.JSONDecodeError as err:
         return str(err)
     return "unreadable"
+
+
+# ---------------------------------------------------------------------------
+# Rows parsed by a stock TorchServe envelope
+# ---------------------------------------------------------------------------
+
+ENVELOPE_V1 = "kserve"
+ENVELOPE_V2 = "kservev2"
+
+
+def envelope_of(rows: list, context=None) -> Optional[str]:
+    """``"kserve"``/``"kservev2"`` when a stock envelope parsed these rows, ``None`` for TorchServe's own rows.
+
+    TorchServe's own rows always hold bytes (``{"body": ...}`` or a multipart file field); an envelope's
+    rows are JSON values: v2 input tensors (``name``/``datatype``/``data``, and the envelope sets
+    ``context.input_names``) or v1 instances (objects or base64 strings). A multipart form made only of
+    text fields also looks like an instance; it is read as one (its ``image`` field as base64).
+    """
+    if not rows:
+        return None
+    if all(_is_v2_input(row) for row in rows) and getattr(context, "input_names", None) is not None:
+        return ENVELOPE_V2
+    if all(_is_instance(row) for row in rows):
+        return ENVELOPE_V1
+    return None
+
+
+def _is_v2_input(row: Any) -> bool:
+    return isinstance(row, dict) and {"name", "datatype", "data"} <= set(row) and "body" not in row
+
+
+def _is_instance(row: Any) -> bool:
+    if isinstance(row, str):
+        return True
+    return isinstance(row, dict) and "body" not in row and \
+        not any(isinstance(v, (bytes, bytearray)) for v in row.values())
+
+
+def parse_envelope(kind: str, rows: list, headers: Mapping[str, Any], *, max_instances: int = 16) -> ParsedRequest:
+    """One request from an envelope's rows and request 0's headers; failures in ``error``, never raised."""
+    headers = lower_headers(headers)
+    explain = str(headers.get("explain", "")).lower() == "true"
+    request = ParsedRequest(protocol="envelope_v1" if kind == ENVELOPE_V1 else "envelope_v2", explain=explain)
+    from_headers = header_options(headers)
+    try:
+        if kind == ENVELOPE_V1:
+            _check_count(len(rows), max_instances)
+            request.instances = [_json_instance(item, from_headers, f"instances[{i}]") for i, item in enumerate(rows)]
+        else:
+            for tensor in rows:
+                shape = tensor.get("shape")
+                if tensor.get("datatype") == "BYTES" and isinstance(shape, list) and shape and _product(shape) > 1:
+                    raise BadRequest(
+                        f"input {tensor.get('name')!r} has shape {shape}, but the kservev2 envelope passes only the "
+                        "first element of a BYTES tensor: send one image per request (or serve without "
+                        "service_envelope, where several images per request work)", type="unsupported_by_envelope")
+            _parse_v2(request, {"inputs": rows}, from_headers, max_instances)
+    except ExplainError as err:
+        request.error = err
+    return request
+
+
+def _product(shape: list) -> int:
+    total = 1
+    for n in shape:
+        total *= int(n) if isinstance(n, (int, float)) else 1
+    return total

@@ -1,0 +1,275 @@
+"""The TorchServe handler without a server: a fake TorchServe context around the real handler, real model
+(CPU) and TorchServe's own metric cache. Out-of-memory splitting, envelope rows and metric declarations."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections import defaultdict
+
+import pytest
+import torch
+import yaml
+
+from handler.engine import BatchSplit, report_split
+from handler.serving import handler as handler_module
+from handler.serving.metrics import SPEC_FILE, HandlerMetrics, load_specs, server_metrics_config
+from handler.serving.requests import envelope_of, parse_envelope
+
+MODEL = "efficientnet_lite0"
+
+
+class RecordingCache:
+    """TorchServe's worker metric cache (built from the merged server config), recording what it is given."""
+
+    def __init__(self, config_path):
+        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+        self.cache = MetricsCacheYamlImpl(config_file_path=str(config_path))
+        self.cache.initialize_cache()
+        self.cache.model_name = MODEL
+        self.records = []
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=None, metric_type=None):
+        self.records.append((name, value, {d.name: d.value for d in dimensions}))
+        self.cache.add_metric(name, value, unit, idx, dimensions, metric_type)
+
+    def values(self, name, **labels):
+        return [v for n, v, dims in self.records if n == name and all(dims.get(k) == w for k, w in labels.items())]
+
+
+class FakeContext:
+    """The parts of ts.context.Context the handler uses."""
+
+    def __init__(self, headers, model_dir, config, metrics):
+        self.headers = headers
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.model_yaml_config = config
+        self.model_name = MODEL
+        self.metrics = metrics
+        self.request_ids = {i: f"req-{i}" for i in range(len(headers))}
+        self.status, self.content_type, self.response_headers = {}, {}, defaultdict(dict)
+
+    def get_all_request_header(self, i):
+        return self.headers[i]
+
+    def get_request_id(self, i=0):
+        return self.request_ids[i]
+
+    def set_response_status(self, code=200, phrase="", idx=0):
+        self.status[idx] = code
+
+    def set_response_content_type(self, idx, value):
+        self.content_type[idx] = value
+
+    def set_response_header(self, idx, key, value):
+        self.response_headers[idx][key] = value
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """An unpacked archive (what TorchServe extracts) and the merged server metrics configuration."""
+    from handler.models import get_spec
+    from handler.serving.archive import DEFAULT_PATHWAY_CONFIG, DEFAULT_WORKER_CONFIG, stage_archive
+
+    stage = tmp_path_factory.mktemp("unpacked")
+    stage_archive(get_spec(MODEL), stage, DEFAULT_WORKER_CONFIG, DEFAULT_PATHWAY_CONFIG)
+    config = yaml.safe_load((stage / "model-config.yaml").read_text())
+    metrics_config = stage / "server-metrics.yaml"
+    metrics_config.write_text(yaml.safe_dump(server_metrics_config([yaml.safe_load(SPEC_FILE.read_text())])))
+    return stage, config, metrics_config
+
+
+@pytest.fixture(scope="module")
+def initialized(staged):
+    """A handler initialised the way TorchServe does it (once: the model load is the slow part)."""
+    stage, config, metrics_config = staged
+    h = handler_module.PathwayHandler()
+    h.initialize(FakeContext([{}], stage, config, RecordingCache(metrics_config)))
+    return h
+
+
+@pytest.fixture
+def served(initialized, staged):
+    """(handler, make_context, metric cache) with a fresh metric cache for this test."""
+    stage, config, metrics_config = staged
+    cache = RecordingCache(metrics_config)
+    initialized.metrics.sink = cache
+
+    def context(headers):
+        return FakeContext(headers, stage, config, cache)
+
+    return initialized, context, cache
+
+
+@pytest.fixture(scope="module")
+def coffee(photos):
+    return photos["coffee"].read_bytes()
+
+
+def explain_headers(**options):
+    return {"explain": "True", **{f"X-Explain-{k}": str(v) for k, v in options.items()}}
+
+
+def out_of_memory_above(explainer, size):
+    """Make the engine fail like a GPU out of memory for batches larger than ``size``."""
+    original = explainer.explain_requests
+
+    def explain_requests(x, requests):
+        if x.shape[0] > size:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return original(x, requests)
+
+    return explain_requests
+
+
+def test_batch_that_runs_out_of_memory_is_split_and_every_request_answered(served, coffee, monkeypatch, caplog):
+    h, context, cache = served
+    monkeypatch.setattr(h.service.explainer, "explain_requests", out_of_memory_above(h.service.explainer, 1))
+    headers = [explain_headers(Method="gradient", Target=t) for t in (281, 967, 285)]
+    ctx = context(headers)
+    out = h.handle([{"body": bytearray(coffee)}] * 3, ctx)
+    assert ctx.status == {}  # nobody failed
+    assert [json.loads(body)["explanation"]["target"]["index"] for body in out] == [281, 967, 285]
+    assert cache.values("pathway_oom_splits_total", source="handler") == [1]
+    assert "Failed to update metric" not in caplog.text
+
+
+def test_request_that_runs_out_of_memory_alone_gets_507_and_its_batch_neighbours_succeed(served, coffee, monkeypatch):
+    h, context, cache = served
+    explainer = h.service.explainer
+    original = explainer.explain_requests
+
+    def explain_requests(x, requests):  # the request with target 285 always runs out of memory
+        if any(r.target == "285" for r in requests):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB")
+        return original(x, requests)
+
+    monkeypatch.setattr(explainer, "explain_requests", explain_requests)
+    ctx = context([explain_headers(Method="gradient", Target=t) for t in (281, 285)] + [{}])
+    out = h.handle([{"body": bytearray(coffee)}] * 3, ctx)
+    assert ctx.status == {1: 507}
+    error = json.loads(out[1])
+    assert error["type"] == "out_of_memory" and "CUDA" not in error["message"]
+    assert json.loads(out[0])["explanation"]["target"]["index"] == 281
+    assert json.loads(out[2])["predictions"][0]["label"] == "espresso"
+    assert cache.values("pathway_rejected_requests_total", reason="out_of_memory", code="507") == [1]
+
+
+def test_engine_reported_splits_are_counted_through_the_documented_hook(served, coffee, monkeypatch):
+    """The engine's automatic OOM splitting (another branch) reports through Explainer.on_batch_split."""
+    h, context, cache = served
+    explainer = h.service.explainer
+    original = explainer.explain_requests
+
+    def splitting(x, requests):
+        report_split(explainer.on_batch_split, BatchSplit(size=x.shape[0], parts=(1, x.shape[0] - 1)))
+        return original(x, requests)
+
+    monkeypatch.setattr(explainer, "explain_requests", splitting)
+    out = h.handle([{"body": bytearray(coffee)}] * 2, context([explain_headers(Method="gradient")] * 2))
+    assert all(json.loads(body)["explanation"]["target"]["label"] == "espresso" for body in out)
+    assert cache.values("pathway_oom_splits_total", source="engine") == [1]
+    assert cache.values("pathway_oom_splits_total", source="handler") == []
+
+
+def test_a_failing_split_listener_never_fails_the_explanation(caplog):
+    def broken(split):
+        raise RuntimeError("metrics backend down")
+
+    with caplog.at_level(logging.ERROR):
+        report_split(broken, BatchSplit(size=2, parts=(1, 1)))
+    assert "batch-split listener failed" in caplog.text
+
+
+def test_every_metric_the_handler_emits_is_declared_and_matches_the_worker_cache(served, coffee, caplog):
+    h, context, cache = served
+    bodies = [{"body": bytearray(coffee)}, {"body": bytearray(b"not an image")}, {"body": bytearray(coffee)}]
+    h.handle(bodies, context([explain_headers(Method="gradient", Outputs="heatmap"), {}, {}]))
+    names = {name for name, _, _ in cache.records}
+    declared = set(load_specs())
+    assert names <= declared
+    assert {"pathway_requests_total", "pathway_rejected_requests_total", "pathway_explain_latency_seconds",
+            "pathway_stage_seconds", "pathway_response_megabytes", "pathway_batch_requests",
+            "pathway_engine_batch_images"} <= names
+    stages = {(dims["stage"], dims["kind"]) for name, _, dims in cache.records if name == "pathway_stage_seconds"}
+    assert {("decode", "predict"), ("engine", "predict"), ("encode", "predict"), ("decode", "explain"),
+            ("engine", "explain"), ("render", "explain"), ("encode", "explain")} <= stages
+    assert cache.values("pathway_rejected_requests_total", reason="not_an_image", code="400") == [1]
+    assert "Failed to update metric" not in caplog.text  # TorchServe's cache accepted every dimension list
+
+
+def test_undeclared_metric_or_missing_dimension_is_a_bug():
+    metrics = HandlerMetrics(None, MODEL)
+    with pytest.raises(KeyError):
+        metrics._emit("pathway_not_declared", 1)
+    with pytest.raises(ValueError):
+        metrics._emit("pathway_requests_total", 1, kind="predict")  # no outcome
+
+
+def test_server_metrics_config_keeps_torchserve_metrics_and_adds_the_archive_ones():
+    config = server_metrics_config([yaml.safe_load(SPEC_FILE.read_text())])
+    counters = {m["name"] for m in config["ts_metrics"]["counter"]}
+    assert {"Requests2XX", "Requests4XX", "Requests5XX", "ts_inference_requests_total"} <= counters
+    model = {m["name"] for kind in config["model_metrics"].values() for m in kind}
+    assert {"HandlerTime", "PredictionTime"} | set(load_specs()) <= model
+
+
+# ---------------------------------------------------------------------------
+# Envelope rows (what TorchServe's stock KServe envelopes hand the handler)
+# ---------------------------------------------------------------------------
+
+
+def test_rows_are_told_apart_from_torchserve_own_rows():
+    assert envelope_of([{"body": bytearray(b"x")}]) is None
+    assert envelope_of([{"data": bytearray(b"x"), "target": bytearray(b"3")}]) is None
+    assert envelope_of([{"image": {"b64": "AAAA"}, "target": 281}, "AAAA"]) == "kserve"
+    v2 = [{"name": "image", "datatype": "BYTES", "shape": [1], "data": "AAAA"}]
+    assert envelope_of(v2, type("C", (), {"input_names": ["image"]})()) == "kservev2"
+
+
+def test_v1_envelope_instances_keep_predictions_next_to_each_explanation(served, coffee):
+    h, context, cache = served
+    image = base64.b64encode(coffee).decode()
+    ctx = context([{"explain": "True"}])
+    out = h.handle([{"image": {"b64": image}, "target": 281, "method": "gradient"}, {"b64": image, "method": "gradient"}],
+                   ctx)
+    assert len(out) == 2 and ctx.status == {}
+    assert out[0]["explanation"]["target"]["index"] == 281 and out[0]["predictions"][0]["label"] == "espresso"
+    assert out[1]["explanation"]["target"]["label"] == "espresso" and out[1]["predictions"]
+
+
+def test_v2_envelope_answers_named_predictions_and_explanations(served, coffee):
+    h, context, _ = served
+    rows = [{"name": "image", "datatype": "BYTES", "shape": [1], "data": base64.b64encode(coffee).decode()},
+            {"name": "target", "datatype": "INT64", "shape": [1], "data": [281]},
+            {"name": "method", "datatype": "BYTES", "shape": [1], "data": "gradient"}]
+    ctx = context([{"explain": "True"}])
+    ctx.input_names = ["image", "target", "method"]  # set by the envelope before it calls the handler
+    out = h.handle(rows, ctx)
+    assert ctx.input_names == ["predictions", "explanations"]
+    predictions, document = json.loads(out[0][0]), json.loads(out[1][0])
+    assert document["explanation"]["target"]["index"] == 281 and document["predictions"] == predictions
+
+
+def test_v2_envelope_refuses_several_images_it_would_silently_drop():
+    rows = [{"name": "image", "datatype": "BYTES", "shape": [3], "data": "AAAA"}]
+    request = parse_envelope("kservev2", rows, {})
+    assert request.error is not None and request.error.type == "unsupported_by_envelope"
+
+
+def test_envelope_with_a_batch_of_several_requests_fails_with_the_reason(served, coffee):
+    from ts.utils.util import PredictionException
+
+    h, context, _ = served
+    ctx = context([{}, {}])  # two HTTP requests batched, the envelope passes request 0's instances only
+    with pytest.raises(PredictionException, match="batchSize: 1"):
+        h.handle([{"b64": base64.b64encode(coffee).decode()}], ctx)
+
+
+def test_envelope_without_instances_is_a_400(served):
+    h, context, _ = served
+    ctx = context([{"explain": "True"}])
+    out = handler_module.PathwayHandler.handle(h, [], ctx)
+    assert ctx.status == {0: 400} and out[0]["type"] == "missing_image"
