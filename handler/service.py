@@ -41,7 +41,10 @@ class ExplainResult:
 
 
 class ExplanationService:
-    def __init__(self, loaded: LoadedModel, device: Union[str, torch.device] = "cpu", limits: Limits = Limits()):
+    def __init__(self, loaded: LoadedModel, device: Union[str, torch.device] = "cpu", limits: Limits = Limits(),
+                 *, memory_budget=None, max_batch_size: Optional[int] = None):
+        """``memory_budget`` (bytes, ``"4GiB"``, ``"60%"``; default: from the device's free memory) and
+        ``max_batch_size`` bound one engine pass; larger batches are split (see :class:`~handler.engine.Explainer`)."""
         self.spec: ModelSpec = loaded.spec
         self.name = loaded.spec.name
         self.labels = loaded.labels
@@ -55,11 +58,15 @@ class ExplanationService:
             default_method=defaults.get("method", "pathway_gradient"),
             default_sparsity=defaults.get("sparsity", 0.7),
             default_reduce=defaults.get("reduce", "max_abs"),
+            memory_budget=memory_budget,
+            max_batch_size=max_batch_size,
         )
 
     @classmethod
-    def from_spec(cls, spec, device="cpu", limits: Limits = Limits()) -> "ExplanationService":
-        return cls(load_model(spec, device=device), device=device, limits=limits)
+    def from_spec(cls, spec, device="cpu", limits: Limits = Limits(), *, memory_budget=None,
+                  max_batch_size: Optional[int] = None) -> "ExplanationService":
+        return cls(load_model(spec, device=device), device=device, limits=limits, memory_budget=memory_budget,
+                   max_batch_size=max_batch_size)
 
     @property
     def device(self) -> torch.device:

@@ -3,9 +3,11 @@
 - :mod:`.sites` instruments activation call sites (the only module that touches a model's forward);
 - :mod:`.pathways` selects pathways (registered strategies) and runs a network along one;
 - :mod:`.methods` turns a model and a batch into attribution maps (registered methods);
-- :mod:`.reduce` reduces channels; :mod:`.explainer` ties them together per batch.
+- :mod:`.reduce` reduces channels; :mod:`.explainer` ties them together per batch;
+- :mod:`.batching` sizes batches from a memory budget and splits them after an out-of-memory.
 """
 
+from .batching import BatchPlanner, MemoryBudget
 from .explainer import Explainer, ExplainRequest, Explanation, explaining
 from .methods import METHODS, Attribution, register_method
 from .pathways import SELECTIONS, Pathway, keep_above_quantile, run_along
@@ -13,7 +15,7 @@ from .reduce import REDUCTIONS
 from .sites import Site, SiteLayout, SiteMismatchError, instrument, trace_sites
 
 __all__ = [
-    "Attribution", "ExplainRequest", "Explainer", "Explanation", "METHODS", "Pathway", "REDUCTIONS",
-    "SELECTIONS", "Site", "SiteLayout", "SiteMismatchError", "explaining", "instrument",
+    "Attribution", "BatchPlanner", "ExplainRequest", "Explainer", "Explanation", "METHODS", "MemoryBudget",
+    "Pathway", "REDUCTIONS", "SELECTIONS", "Site", "SiteLayout", "SiteMismatchError", "explaining", "instrument",
     "keep_above_quantile", "register_method", "run_along", "trace_sites",
 ]

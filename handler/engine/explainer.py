@@ -3,6 +3,8 @@
 Knows nothing of HTTP, TorchServe or files. It owns the model's state while it
 works (eval mode, frozen parameters, gradients enabled even under
 ``torch.inference_mode``) and restores it afterwards, also when a call fails.
+Batches are split to fit a memory budget, and a batch that runs out of memory
+is retried in halves (see :mod:`.batching`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import torch
 from torch import nn
 
 from ..errors import InvalidOption, InvalidTarget
+from .batching import BatchPlanner, MemoryBudget, PeakMemory, release_cached_memory
 from .methods import METHODS, Attribution
 from .pathways import SELECTIONS
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
 from .registry import UnknownNameError
-from .sites import instrument, out_of_place_transform
+from .sites import NoActivationSitesError, instrument, out_of_place_transform
 
 Target = Union[int, str, None]
 
@@ -75,7 +78,14 @@ def explaining(model: nn.Module) -> Iterator[None]:
 
 
 class Explainer:
-    """Explains a classifier's predictions; batch in, one explanation per sample out."""
+    """Explains a classifier's predictions; batch in, one explanation per sample out.
+
+    ``memory_budget`` bounds what one pass may use (a :class:`MemoryBudget`,
+    bytes, ``"4GiB"`` or ``"60%"``; default: 80 % of the free GPU memory, 25 % of
+    the available RAM on the CPU) and ``max_batch_size`` caps the samples per
+    pass; larger batches are split, and a pass that runs out of memory is retried
+    in halves (down to one sample) instead of failing its requests.
+    """
 
     def __init__(
         self,
@@ -87,9 +97,13 @@ class Explainer:
         default_sparsity: float = 0.7,
         default_reduce: str = "max_abs",
         default_selection: str = "contribution",
+        memory_budget: Union[MemoryBudget, int, str, None] = None,
+        max_batch_size: Optional[int] = None,
     ):
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model = model.to(self.device)
+        self.planner = BatchPlanner(MemoryBudget.parse(memory_budget, max_batch_size), self.device)
+        self._neurons: dict = {}  # input shape (no batch) -> neurons per sample
         self.labels = list(labels) if labels is not None else None
         self._label_index = _label_index(self.labels) if self.labels else {}
         self.defaults = ExplainRequest(
@@ -228,12 +242,50 @@ class Explainer:
         x = x.to(self.device)
         for (method, selection, options), index in groups.items():
             sub = [requests[i] for i in index]
-            explanations = self._run(
+            explanations = self._run_in_batches(
                 x[index], torch.tensor([resolved[i] for i in index], device=self.device),
                 method, selection, dict(options), sub)
             for i, e in zip(index, explanations):
                 results[i] = e
         return results
+
+    def _run_in_batches(self, x, targets, method_name, selection, options, requests) -> list:
+        """Run in batches that fit the memory budget; a batch that runs out of memory is retried in halves."""
+        if not self._checked:
+            with explaining(self.model):
+                self._check_instrumentation(x[:1])
+        key = (method_name, selection, tuple(x.shape[1:]), x.dtype)
+        neurons = self._neurons_per_sample(x[:1])
+        out: list = []
+        start, total = 0, len(requests)
+        while start < total:
+            size = self.planner.batch_size(key, neurons, total - start)
+            stop = start + size
+            failed = False
+            try:
+                with PeakMemory(self.device) as peak:
+                    part = self._run(x[start:stop], targets[start:stop], method_name, selection, options,
+                                     requests[start:stop])
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                failed = True  # leave the except block first: its traceback holds the failed pass's tensors
+            if failed:
+                release_cached_memory(self.device)
+                self.planner.out_of_memory(key, size)
+                continue
+            self.planner.observe(key, size, peak.peak)
+            out.extend(part)
+            start = stop
+        return out
+
+    def _neurons_per_sample(self, x: torch.Tensor) -> int:
+        shape = tuple(x.shape[1:])
+        if shape not in self._neurons:
+            with explaining(self.model), torch.no_grad(), instrument(self.model, name_sites=False) as recorder:
+                self.model(x)
+            self._neurons[shape] = _neurons_in(recorder)
+        return self._neurons[shape]
 
     def _run(self, x, targets, method_name, selection, options, requests) -> list:
         method = METHODS.get(method_name)
@@ -243,8 +295,6 @@ class Explainer:
             kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection,
                           selection_options=selection_options)
         with explaining(self.model):
-            if not self._checked:
-                self._check_instrumentation(x[:1])
             attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
         return self._package(attribution, method_name, requests)
 
@@ -294,13 +344,22 @@ class Explainer:
         """
         with torch.no_grad():
             plain = self.model(x)
-            with instrument(self.model, out_of_place_transform):
+            with instrument(self.model, out_of_place_transform) as recorder:
                 traced = self.model(x)
+            self._neurons.setdefault(tuple(x.shape[1:]), _neurons_in(recorder))
         if not torch.allclose(plain, traced, rtol=1e-5, atol=1e-5):
             raise RuntimeError(
                 "instrumenting this model's activations changes its output; it probably relies on an "
                 "in-place activation's side effect without using the activation's return value")
         self._checked = True
+
+
+def _neurons_in(recorder) -> int:
+    """Neurons per sample the recorded pass met (0 for a model without activation sites)."""
+    try:
+        return recorder.layout.total
+    except NoActivationSitesError:
+        return 0
 
 
 def _per_sample(value, batch: int, what: str) -> list:
