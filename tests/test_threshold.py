@@ -84,13 +84,25 @@ def test_host_threshold_survives_a_misleading_sample():
         assert kth_smallest_host(values[None], [k]) == [float(np.sort(values)[k - 1])]
 
 
-def test_keep_above_quantile_is_the_same_on_both_paths():
-    scores = scores_with_ties(rows=3, n=300_000, seed=2)
-    sparsity = [0.0, 0.6, 0.95]
+@pytest.mark.parametrize("n", [300_000, 600_000])  # below and above the size where the host path samples
+def test_keep_above_quantile_is_the_same_on_both_paths(n):
+    scores = scores_with_ties(rows=6, n=n, seed=2)
+    sparsity = [0.0, 0.3, 0.6, 0.95, 0.99999, 1.0]  # 0.3: the threshold ties with the dead neurons at 0
     host = keep_above_quantile(scores, sparsity)
     tau = kth_smallest_on_device(scores, [removal_count(p, scores.shape[1]) for p in sparsity])
-    assert torch.equal(host, scores > tau[:, None])
-    assert host[0].all()
+    assert host[0].all() and not host[5].any()
+    assert torch.equal(host[1:], (scores > tau[:, None])[1:])
+
+
+def test_host_mask_survives_a_misleading_sample():
+    n = 1_000_000
+    stride = (n // pathways.HOST_SAMPLE) | 1
+    values = torch.linspace(1, 2, n)
+    values[::stride] = 0
+    for p in (0.01, 0.5, 0.7):
+        keep = keep_above_quantile(values[None], [p])
+        k = removal_count(p, n)
+        assert torch.equal(keep[0], values > values.sort().values[k - 1])
 
 
 @pytest.mark.cuda

@@ -44,10 +44,18 @@ class Pathway:
         return self.keep.shape[0]
 
     def realised_sparsity(self) -> torch.Tensor:
-        return 1.0 - torch.count_nonzero(self.keep, dim=1).double() / self.layout.total
+        return 1.0 - self.kept_per_site().sum(dim=1).double() / self.layout.total
 
     def kept_per_site(self) -> torch.Tensor:
-        """``[B, sites]`` kept neurons of each site (``count_nonzero``: summing bools is far slower on the CPU)."""
+        """``[B, sites]`` kept neurons of each site.
+
+        On the CPU NumPy's ``count_nonzero`` on each contiguous row slice (torch's on strided
+        ``[B, n]`` views, or a bool ``sum``, is 20x slower there); on a device ``count_nonzero``.
+        """
+        if self.keep.device.type == "cpu":
+            keep = self.keep.numpy()
+            return torch.tensor([[np.count_nonzero(keep[b, s.offset:s.offset + s.numel]) for s in self.layout]
+                                 for b in range(self.batch_size)], dtype=torch.int64)
         return torch.stack([torch.count_nonzero(site.view(self.keep).flatten(1), dim=1) for site in self.layout], 1)
 
     def summaries(self, top_channels: int = 3) -> list:
@@ -121,14 +129,19 @@ def keep_above_quantile(scores: torch.Tensor, sparsity: Sequence[float]) -> torc
 
     Ties at the threshold are removed too (dead neurons all score 0), so the
     realised sparsity can exceed the requested one; it never falls below it.
-    Never reads device memory back to the host: on a GPU the whole selection is
-    queued without synchronising.
+    On a GPU the whole selection is queued without synchronising with the host
+    (:func:`kth_smallest_on_device`); on the CPU the threshold and the mask come
+    out of the same few NumPy passes (:func:`keep_above_quantile_host`).
     """
     batch, total = scores.shape
     counts = [removal_count(float(p), total) for p in sparsity]
     if all(k == 0 for k in counts):
         return torch.ones_like(scores, dtype=torch.bool)
-    keep = scores > kth_smallest(scores, counts)[:, None]
+    if scores.device.type == "cpu":
+        keep = torch.empty(scores.shape, dtype=torch.bool)
+        keep_above_quantile_host(scores.detach().numpy(), counts, keep.numpy())
+        return keep
+    keep = scores > kth_smallest_on_device(scores, counts)[:, None]
     for b, k in enumerate(counts):
         if k == 0:  # nothing removed, NaN scores included
             keep[b] = True
@@ -138,10 +151,8 @@ def keep_above_quantile(scores: torch.Tensor, sparsity: Sequence[float]) -> torc
 def kth_smallest(scores: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     """Per row, the ``k``-th smallest value (1-based; rows with ``k = 0`` get ``-inf``), exactly.
 
-    On the CPU, where nothing waits on a device, :func:`kth_smallest_host`
-    (a few vectorised NumPy passes; ``kthvalue`` is a single-threaded
-    quickselect, ~10x slower over millions of neurons). Anywhere else
-    :func:`kth_smallest_on_device`, which never synchronises with the host.
+    On the CPU, where nothing waits on a device, :func:`kth_smallest_host`;
+    anywhere else :func:`kth_smallest_on_device`, which never synchronises.
     """
     ks = [int(k) for k in ks]
     if scores.device.type != "cpu":
@@ -149,33 +160,53 @@ def kth_smallest(scores: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     return torch.tensor(kth_smallest_host(scores.detach().numpy(), ks), dtype=scores.dtype)
 
 
-#: Size of the systematic sample that brackets the k-th value in :func:`kth_smallest_host`.
-HOST_SAMPLE = 1 << 16
+#: Size of the systematic sample that brackets the k-th value on the host.
+HOST_SAMPLE = 1 << 17
+#: Half-width of the bracket in standard deviations of the k-th value's rank in the sample.
+HOST_BRACKET_SIGMAS = 4.0
 
 
 def kth_smallest_host(values: np.ndarray, ks: Sequence[int]) -> list:
-    """Per row of a 2-D float array, the exact ``k``-th smallest (1-based; ``-inf`` where ``k = 0``).
+    """Per row of a 2-D float array, the exact ``k``-th smallest (1-based; ``-inf`` where ``k = 0``)."""
+    return _select_host(values, ks, None)
 
-    A systematic sample of :data:`HOST_SAMPLE` values of the row brackets its
-    ``k``-th value between two order statistics of the sample (six standard
-    deviations of the sample rank either side). One comparison pass per bracket
-    end counts the values at or below it: the counts prove that the bracket holds
-    the ``k``-th value, and the few values inside it are partitioned exactly.
-    Ties at the lower end (dead neurons all score 0) are settled by one more
-    count; if the counts show that the bracket missed, a full partition answers.
-    The passes run on ``torch.get_num_threads()`` threads (NumPy releases the GIL).
+
+def keep_above_quantile_host(values: np.ndarray, ks: Sequence[int], keep: np.ndarray) -> list:
+    """Fill ``keep`` (bool, shaped like ``values``) with ``values > the k-th smallest`` per row; returns the thresholds.
+
+    Rows with ``k = 0`` keep everything.
+    """
+    return _select_host(values, ks, keep)
+
+
+def _select_host(values: np.ndarray, ks: Sequence[int], keep: Optional[np.ndarray]) -> list:
+    """Exact per-row selection in a few vectorised host passes (the CPU path; it reads counts as it goes).
+
+    ``kthvalue`` is a single-threaded quickselect, ~10x slower over millions of
+    neurons. Instead, a systematic sample of :data:`HOST_SAMPLE` values of the
+    row brackets its ``k``-th value between two order statistics of the sample,
+    (``lo``, ``hi``]. One comparison pass per end counts the values at or below
+    it: the counts prove that the bracket holds the ``k``-th value, the few
+    values inside it are partitioned exactly, and the mask is ``values > hi``
+    plus the values inside that beat the threshold, with no further pass. Ties
+    at ``lo`` (dead neurons all score 0) cost one more count; if the counts show
+    that the bracket missed, a full partition answers. The passes run on
+    ``torch.get_num_threads()`` threads over rows and chunks (NumPy releases the GIL).
     """
     rows, n = values.shape
     out = [float("-inf")] * rows
-    todo = [(b, int(k)) for b, k in enumerate(ks) if int(k) != 0]
+    todo = [(b, int(k)) for b, k in enumerate(ks)]
     for b, k in todo:
-        if not 1 <= k <= n:
-            raise ValueError(f"k = {k} is outside 1..{n}")
+        if not 0 <= k <= n:
+            raise ValueError(f"k = {k} is outside 0..{n}")
+        if k == 0 and keep is not None:
+            keep[b] = True
+    todo = [(b, k) for b, k in todo if k > 0]
     if not todo:
         return out
     if n <= 4 * HOST_SAMPLE:
         for b, k in todo:
-            out[b] = float(np.partition(values[b], k - 1)[k - 1])
+            out[b] = _exact_host(values[b], k, None if keep is None else keep[b])
         return out
     pool = _host_pool()
     run = pool.map if pool is not None else map
@@ -183,22 +214,41 @@ def kth_smallest_host(values: np.ndarray, ks: Sequence[int]) -> list:
     pieces = max(1, -(-torch.get_num_threads() // len(todo)))
     bounds = [(i * n // pieces, (i + 1) * n // pieces) for i in range(pieces)]
     tasks = [(b, start, stop) for b, _ in todo for start, stop in bounds]
-    counted = list(run(lambda t: _count_bracket(values[t[0], t[1]:t[2]], *brackets[t[0]]), tasks))
+
+    def count(task):
+        b, start, stop = task
+        return _count_bracket(values[b, start:stop], *brackets[b], None if keep is None else keep[b, start:stop])
+
+    counted = list(run(count, tasks))
     for b, k in todo:
-        parts = [c for t, c in zip(tasks, counted) if t[0] == b]
+        parts = [(t[1], c) for t, c in zip(tasks, counted) if t[0] == b]
         lo, hi = brackets[b]
-        below = sum(p[0] for p in parts)
+        below = sum(c[0] for _, c in parts)
+        row_keep = None if keep is None else keep[b]
         if lo is not None and k <= below:  # at most lo: it is lo itself unless k values lie below lo
-            exact = lo if int(np.count_nonzero(values[b] < lo)) < k else None
-        elif k <= sum(p[1] for p in parts):
-            candidates = np.concatenate([p[2] for p in parts])
-            exact = np.partition(candidates, k - below - 1)[k - below - 1]
-        else:
-            exact = None
-        if exact is None:  # the sample misled the bracket: partition everything
-            exact = np.partition(values[b], k - 1)[k - 1]
-        out[b] = float(exact)
+            if int(np.count_nonzero(values[b] < lo)) < k:
+                out[b] = float(lo)
+                if row_keep is not None:
+                    np.greater(values[b], lo, out=row_keep)
+                continue
+        elif k <= sum(c[1] for _, c in parts):
+            candidates = np.concatenate([c[3] for _, c in parts])
+            j = k - below - 1
+            tau = np.partition(candidates, j)[j]
+            out[b] = float(tau)
+            if row_keep is not None:
+                for start, c in parts:
+                    row_keep[start + c[2][c[3] > tau]] = True
+            continue
+        out[b] = _exact_host(values[b], k, row_keep)  # the sample misled the bracket
     return out
+
+
+def _exact_host(row: np.ndarray, k: int, keep: Optional[np.ndarray]) -> float:
+    tau = np.partition(row, k - 1)[k - 1]
+    if keep is not None:
+        np.greater(row, tau, out=keep)
+    return float(tau)
 
 
 def _sample_bracket(row: np.ndarray, k: int) -> tuple:
@@ -207,22 +257,32 @@ def _sample_bracket(row: np.ndarray, k: int) -> tuple:
     sample = row[:: (n // HOST_SAMPLE) | 1]
     m = sample.size
     q = k / n
-    margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
+    margin = HOST_BRACKET_SIGMAS * math.sqrt(m * q * (1.0 - q)) + 8.0
     i_lo, i_hi = int(q * m - margin), int(q * m + margin)
     ranks = [i for i in (i_lo, i_hi) if 0 <= i < m]
     ordered = np.partition(sample, ranks) if ranks else sample
     return (ordered[i_lo] if i_lo >= 0 else None), (ordered[i_hi] if i_hi < m else None)
 
 
-def _count_bracket(chunk: np.ndarray, lo, hi) -> tuple:
-    """``(#values <= lo, #values <= hi, the values in (lo, hi])`` of one chunk; ``None`` bounds are open."""
-    inside = (chunk <= hi) if hi is not None else ~np.isnan(chunk)
-    at_hi = int(np.count_nonzero(inside))
-    if lo is None:
-        return 0, at_hi, chunk[inside]
-    at_or_below_lo = chunk <= lo
-    inside ^= at_or_below_lo
-    return int(np.count_nonzero(at_or_below_lo)), at_hi, chunk[inside]
+def _count_bracket(chunk: np.ndarray, lo, hi, keep: Optional[np.ndarray]) -> tuple:
+    """One chunk's ``(#values <= lo, #values <= hi, positions and values in (lo, hi])``; sets ``keep = values > hi``.
+
+    ``None`` bounds are open.
+    """
+    at_or_below_hi = (chunk <= hi) if hi is not None else ~np.isnan(chunk)
+    if keep is not None:
+        if hi is None:
+            keep.fill(False)
+        else:
+            np.logical_not(at_or_below_hi, out=keep)
+    at_hi = int(np.count_nonzero(at_or_below_hi))
+    below = 0
+    if lo is not None:
+        at_or_below_lo = chunk <= lo
+        below = int(np.count_nonzero(at_or_below_lo))
+        at_or_below_hi ^= at_or_below_lo  # now: lo < value <= hi
+    inside = np.flatnonzero(at_or_below_hi)
+    return below, at_hi, inside, chunk[inside]
 
 
 _POOL: Optional[ThreadPoolExecutor] = None
