@@ -42,6 +42,9 @@ from handler.engine.pathways import (  # noqa: E402
 from handler.models import load_model, spec_for_architecture  # noqa: E402
 
 ALL_METHODS = ("vanilla", "pathway", "explainer", "naive", "ig15", "ig50")
+#: Environment variables that change the timings; recorded with the results.
+ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS",
+               "MKL_NUM_THREADS", "LD_PRELOAD", "CUDA_VISIBLE_DEVICES")
 SPARSITY = 0.7
 
 
@@ -185,7 +188,8 @@ def markdown(rows: list, info: dict, device: torch.device, args, wall_s: float, 
         f"numpy {info.get('numpy')}, Python {info['python']}"
         + (f", CUDA {info['cuda']}" if info.get("cuda") else "") + f"; revision {git_revision()}.",
         f"Suite wall time {wall_s / 60:.1f} min; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
-        f"({info['cpu_count']} cores: above that, other processes shared the CPU and times are inflated).",
+        f"({info['cpu_count']} cores: above that, other processes shared the CPU and times are inflated). "
+        f"Allocator environment: {', '.join(f'{k}={v}' for k, v in info.get('environment', {}).items()) or 'default'}.",
         "",
         f"Same model, batch and process; median of interleaved rounds after one warm-up. Sparsity {SPARSITY}, "
         "target = predicted class, 224x224 inputs; efficientnet_lite0 has its ImageNet weights, resnet50 and vgg16 "
@@ -252,9 +256,13 @@ def main(argv=None) -> None:
                         help="slow methods get fewer rounds: about this many seconds each, at least two rounds")
     parser.add_argument("--ig-internal-batch", type=int, help="Captum's internal_batch_size (default 16 CPU, 64 GPU)")
     parser.add_argument("--no-phases", action="store_true", help="skip the pathway's per-phase timings")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
+                        "on a shared machine 1 keeps other processes from stalling OpenMP barriers")
     parser.add_argument("--stem", help="result file stem (default suite-<device>[-full])")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "speed" / "results")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = set(args.methods) - set(ALL_METHODS)
     if unknown:
@@ -298,6 +306,7 @@ def main(argv=None) -> None:
         except ImportError:
             info[package] = None
     stem = args.stem or f"suite-{device.type}{'-full' if args.full else ''}"
+    info["environment"] = {k: os.environ[k] for k in ENVIRONMENT if k in os.environ}
     payload = {"machine": info, "revision": git_revision(), "device": str(device), "sparsity": SPARSITY,
                "wall_s": wall, "load_average": {"start": load_start, "end": load_end},
                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
