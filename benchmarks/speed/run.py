@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import PeakMemory, git_revision, machine, sync, write_results  # noqa: E402
 from benchmarks.speed.naive import naive_pathway_gradient  # noqa: E402
 from handler.engine import METHODS, Explainer, explaining  # noqa: E402
+from handler.engine import pathways  # noqa: E402
 from handler.engine.methods import input_gradient  # noqa: E402
 from handler.engine.pathways import (  # noqa: E402
     _abs_contribution, keep_above_quantile, run_along, score_neurons, select_by_contribution)
@@ -131,9 +132,11 @@ def run_case(case: Case, device: torch.device, args) -> dict:
         timings = measure({m: calls[m] for m in methods}, phases, device, args)
     del scores, pathway
     neurons = explainer._neurons.get(tuple(x.shape[1:]))
+    held = pathways._WORKSPACE.buffer  # the CPU score buffer kept between calls: not in the per-call deltas
+    workspace_mib = 0.0 if held is None else held.numel() * held.element_size() / 2**20
     vanilla = timings["vanilla"].median
     row = {"model": case.model, "batch": case.batch, "device": str(device), "neurons_per_sample": neurons,
-           "methods": {}, "phases": {}}
+           "score_workspace_mib": workspace_mib, "methods": {}, "phases": {}}
     for name, t in timings.items():
         entry = {"median_s": t.median, "min_s": min(t.samples), "max_s": max(t.samples), "runs": len(t.samples),
                  "ratio_to_vanilla": t.median / vanilla, "ms_per_image": 1000 * t.median / case.batch}
@@ -211,14 +214,21 @@ def markdown(rows: list, info: dict, device: torch.device, args, wall_s: float, 
         neurons = f"{r['neurons_per_sample'] / 1e6:.1f} M" if r["neurons_per_sample"] else "?"
         lines.append(f"| {r['model']} | {r['batch']} | {neurons} | " + " | ".join(cells) + " |")
     unit = "peak allocated GPU memory" if device.type == "cuda" else "peak process RSS above the level before the call"
-    lines += ["", f"## Peak memory per call, MiB ({unit})", "",
-              "| model | batch | " + " | ".join(LABELS[m] for m in methods) + " |",
-              "|---|---:|" + "---:|" * len(methods)]
+    lines += ["", f"## Peak memory per call, MiB ({unit})", ""]
+    if device.type == "cpu":
+        lines += ["On the CPU the engine keeps its [B, N] score buffer between calls (a per-thread workspace, "
+                  "`pathways.SCORE_WORKSPACE_BYTES`), so it is resident before the call and not in the pathway "
+                  "columns; its size is the last column. The naive version holds one image at a time.", ""]
+    extra = " | score workspace held |" if device.type == "cpu" else " |"
+    lines += ["| model | batch | " + " | ".join(LABELS[m] for m in methods) + extra,
+              "|---|---:|" + "---:|" * (len(methods) + (device.type == "cpu"))]
     for r in rows:
         cells = []
         for m in methods:
             e = r["methods"].get(m)
             cells.append("–" if e is None or e.get("peak_mib") is None else f"{e['peak_mib']:.0f}")
+        if device.type == "cpu":
+            cells.append(f"{r.get('score_workspace_mib', 0):.0f}")
         lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + " |")
     if any(r["phases"] for r in rows):
         lines += ["", "## Pathway gradient by phase, ms (ratio to the vanilla gradient)", "",
