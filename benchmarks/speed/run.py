@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import PeakMemory, git_revision, machine, sync, write_results  # noqa: E402
 from benchmarks.speed.naive import naive_pathway_gradient  # noqa: E402
 from handler.engine import METHODS, Explainer, explaining  # noqa: E402
-from handler.engine import pathways  # noqa: E402
 from handler.engine.methods import input_gradient  # noqa: E402
 from handler.engine.pathways import (  # noqa: E402
     _abs_contribution, keep_above_quantile, run_along, score_neurons, select_by_contribution)
@@ -132,8 +131,8 @@ def run_case(case: Case, device: torch.device, args) -> dict:
         timings = measure({m: calls[m] for m in methods}, phases, device, args)
     del scores, pathway
     neurons = explainer._neurons.get(tuple(x.shape[1:]))
-    held = pathways._WORKSPACE.buffer  # the CPU score buffer kept between calls: not in the per-call deltas
-    workspace_mib = 0.0 if held is None else held.numel() * held.element_size() / 2**20
+    # the [B, N] float scores: on the CPU a workspace kept between calls, so not in the per-call deltas
+    workspace_mib = (neurons or 0) * case.batch * x.element_size() / 2**20
     vanilla = timings["vanilla"].median
     row = {"model": case.model, "batch": case.batch, "device": str(device), "neurons_per_sample": neurons,
            "score_workspace_mib": workspace_mib, "methods": {}, "phases": {}}
@@ -218,8 +217,9 @@ def markdown(rows: list, info: dict, device: torch.device, args, wall_s: float, 
     if device.type == "cpu":
         lines += ["On the CPU the engine keeps its [B, N] score buffer between calls (a per-thread workspace, "
                   "`pathways.SCORE_WORKSPACE_BYTES`), so it is resident before the call and not in the pathway "
-                  "columns; its size is the last column. The naive version holds one image at a time.", ""]
-    extra = " | score workspace held |" if device.type == "cpu" else " |"
+                  "columns; its size (B x N x 4 bytes) is the last column. The naive version holds one image at a "
+                  "time.", ""]
+    extra = " | score buffer (workspace) |" if device.type == "cpu" else " |"
     lines += ["| model | batch | " + " | ".join(LABELS[m] for m in methods) + extra,
               "|---|---:|" + "---:|" * (len(methods) + (device.type == "cpu"))]
     for r in rows:
