@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run serve model-store test explain-samples bench clean
+.PHONY: setup run serve model-store test explain-samples bench bench-full bench-engine clean
 
 setup:
 	@scripts/setup.sh
@@ -25,8 +25,15 @@ explain-samples: setup
 test: setup
 	$(PY) -m pytest
 
-## Speed benchmark of the engine (writes benchmarks/speed/results/)
+## Speed and memory benchmark suite (writes benchmarks/speed/results/; see benchmarks/speed/README.md)
 bench: setup
+	$(PY) benchmarks/speed/run.py
+
+bench-full: setup
+	$(PY) benchmarks/speed/run.py --full
+
+## Quick check: pathway/vanilla ratio of the engine, glibc's default allocator vs retained heap
+bench-engine: setup
 	$(PY) benchmarks/speed/engine.py
 
 clean:

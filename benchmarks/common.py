@@ -81,3 +81,73 @@ def write_results(directory: Path, stem: str, payload: dict, markdown: str) -> N
     (directory / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (directory / f"{stem}.md").write_text(markdown)
     print(markdown)
+
+
+# ---------------------------------------------------------------------------
+# Peak memory of one call: process RSS on the CPU, allocated memory on CUDA.
+# ---------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory a block adds above what was in use when it started, in bytes (``None`` if unmeasurable).
+
+    CPU: the process's peak resident set (``VmHWM``), reset at the start of the block through
+    ``/proc/self/clear_refs`` after returning freed heap pages to the system (``malloc_trim``), so it
+    includes everything the block touched (tensors, allocator slack, NumPy copies). CUDA: CUDA's peak
+    allocated memory (``torch.cuda.max_memory_allocated``), reset at the start of the block.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            _trim_heap()
+            self._start = _status_bytes("VmRSS") if _reset_peak_rss() else None
+        return self
+
+    def __exit__(self, kind, _value, _traceback) -> None:
+        if kind is not None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        elif self._start is not None:
+            peak = _status_bytes("VmHWM")
+            self.bytes = None if peak is None else max(0, peak - self._start)
+
+
+def _status_bytes(field: str):
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim_heap() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -58,7 +58,10 @@ class ExplainResult:
 
 class ExplanationService:
     def __init__(self, loaded: LoadedModel, device: Union[str, torch.device] = "cpu", limits: Limits = Limits(),
-                 observer: Optional[ServiceObserver] = None):
+                 observer: Optional[ServiceObserver] = None, *, memory_budget=None,
+                 max_batch_size: Optional[int] = None):
+        """``memory_budget`` (bytes, ``"4GiB"``, ``"60%"``; default: from the device's free memory) and
+        ``max_batch_size`` bound one engine pass; larger batches are split (see :class:`~handler.engine.Explainer`)."""
         self.spec: ModelSpec = loaded.spec
         self.name = loaded.spec.name
         self.labels = loaded.labels
@@ -73,13 +76,17 @@ class ExplanationService:
             default_sparsity=defaults.get("sparsity", 0.7),
             default_reduce=defaults.get("reduce", "max_abs"),
             normalisation=InputNormalisation(loaded.spec.preprocessing.mean, loaded.spec.preprocessing.std),
+            memory_budget=memory_budget,
+            max_batch_size=max_batch_size,
         )
         self.observer = observer or ServiceObserver()
         self.explainer.on_batch_split = self.observer.batch_split
 
     @classmethod
-    def from_spec(cls, spec, device="cpu", limits: Limits = Limits()) -> "ExplanationService":
-        return cls(load_model(spec, device=device), device=device, limits=limits)
+    def from_spec(cls, spec, device="cpu", limits: Limits = Limits(), *, memory_budget=None,
+                  max_batch_size: Optional[int] = None) -> "ExplanationService":
+        return cls(load_model(spec, device=device), device=device, limits=limits, memory_budget=memory_budget,
+                   max_batch_size=max_batch_size)
 
     @property
     def device(self) -> torch.device:

@@ -5,10 +5,12 @@
 - :mod:`.methods` turns a model and a batch into attribution maps (registered methods), with the
   baselines (integrated gradients, SmoothGrad, Grad-CAM, guided backprop, ...) in :mod:`.baselines`;
 - :mod:`.selections` holds the other pathway selections (random, pruning gates, input resampling);
-- :mod:`.reduce` reduces channels; :mod:`.explainer` ties them together per batch.
+- :mod:`.reduce` reduces channels; :mod:`.explainer` ties them together per batch;
+- :mod:`.batching` sizes batches from a memory budget and splits them after an out-of-memory.
 """
 
 from . import baselines, selections  # noqa: F401  (registers the baseline methods and selection strategies)
+from .batching import BatchPlanner, MemoryBudget
 from .events import BatchSplit, report_split
 from .explainer import Explainer, ExplainRequest, Explanation, explaining
 from .methods import METHODS, Attribution, register_method
@@ -18,7 +20,8 @@ from .reduce import REDUCTIONS
 from .sites import Site, SiteLayout, SiteMismatchError, instrument, trace_sites
 
 __all__ = [
-    "Attribution", "BatchSplit", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation", "METHODS",
-    "Pathway", "REDUCTIONS", "SELECTIONS", "Site", "SiteLayout", "SiteMismatchError", "explaining", "instrument",
-    "keep_above_quantile", "register_method", "report_split", "run_along", "trace_sites",
+    "Attribution", "BatchPlanner", "BatchSplit", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
+    "METHODS", "MemoryBudget", "Pathway", "REDUCTIONS", "SELECTIONS", "Site", "SiteLayout", "SiteMismatchError",
+    "explaining", "instrument", "keep_above_quantile", "register_method", "report_split", "run_along",
+    "trace_sites",
 ]

@@ -11,9 +11,20 @@ REDUCTIONS: Registry = Registry("channel reduction")
 
 @REDUCTIONS.register("max_abs")
 def max_abs(maps: torch.Tensor) -> torch.Tensor:
-    """Per pixel, the signed channel value of largest magnitude (the authors' evaluation)."""
-    index = maps.abs().argmax(dim=1, keepdim=True)
-    return maps.gather(1, index).squeeze(1)
+    """Per pixel, the signed channel value of largest magnitude (the authors' evaluation); ties: the first channel.
+
+    A running comparison over the (few) channels: the same values as
+    ``gather(argmax(|maps|))``, which is ~10x slower on the CPU for ``C = 3``.
+    """
+    best = maps[:, 0]
+    best_abs = best.abs()
+    for c in range(1, maps.shape[1]):
+        value = maps[:, c]
+        magnitude = value.abs()
+        larger = magnitude > best_abs  # strictly: on a tie the earlier channel stays, as argmax does
+        best = torch.where(larger, value, best)
+        best_abs = torch.where(larger, magnitude, best_abs)
+    return best
 
 
 @REDUCTIONS.register("abs_sum")

@@ -11,8 +11,8 @@ sees module activations (``nn.ReLU`` calls ``F.relu``), functional ones, tensor
 methods (``x.relu_()``) and in-place variants alike. Each call is handed to a
 transform as a :class:`SiteCall`; the transform runs it (as the model asked:
 in place or not) and returns what the rest of the network sees. Nothing is
-patched on the model: the mode and the naming hooks live exactly as long as the
-``with`` block.
+patched on the model and no hook is registered: the mode lives exactly as long
+as the ``with`` block, and sites are named by looking up the call stack.
 
 One layer's output can also be kept from inside a forward (Grad-CAM's layer):
 an activation site's through a transform (:func:`capture_site_output`), any
@@ -23,6 +23,7 @@ other module's through a forward hook that lives as long as its ``with`` block
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -202,7 +203,7 @@ SiteTransform = Callable[[SiteCall], torch.Tensor]
 
 
 class _SiteInterceptor(TorchFunctionMode):
-    def __init__(self, transform: SiteTransform, names: Optional["_ModuleStack"], expected: Optional[SiteLayout]):
+    def __init__(self, transform: SiteTransform, names: Optional["_SiteNamer"], expected: Optional[SiteLayout]):
         super().__init__()
         self.transform = transform
         self.names = names
@@ -247,37 +248,35 @@ class _SiteInterceptor(TorchFunctionMode):
         return SiteLayout(tuple(self.sites))
 
 
-class _ModuleStack:
-    """Tracks which module is running, to give each site a readable name."""
+class _SiteNamer:
+    """Gives each site a readable name: the path of the innermost module of ``model`` whose code is running.
+
+    Found by walking the Python call stack from the intercepted call up to the first frame whose
+    ``self`` is a submodule of ``model`` (only at activation calls, a few per block), instead of hooks
+    on every module that would run on every module call of every pass.
+    """
 
     def __init__(self, model: nn.Module):
-        self.stack: list = []
+        self.paths = {id(module): (path or "<model>", module) for path, module in model.named_modules()}
         self.calls: dict = {}
-        self.handles = []
-        for path, module in model.named_modules():
-            self.handles.append(module.register_forward_pre_hook(self._enter(path or "<model>", module)))
-            self.handles.append(module.register_forward_hook(self._leave, always_call=True))
 
-    def _enter(self, path, module):
-        def hook(_module, _args):
-            self.stack.append((path, module))
-        return hook
-
-    def _leave(self, _module, _args, _output):
-        if self.stack:
-            self.stack.pop()
+    def _innermost(self):
+        frame = sys._getframe(2)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self":
+                entry = self.paths.get(id(frame.f_locals.get("self")))
+                if entry is not None:
+                    return entry
+            frame = frame.f_back
+        return "<model>", None
 
     def name_for(self, kind: str) -> str:
-        path, module = self.stack[-1] if self.stack else ("<model>", None)
+        path, module = self._innermost()
         base = path if isinstance(module, _ACTIVATION_MODULES) else f"{path}:{kind}"
         count = self.calls.get(base, 0) + 1
         self.calls[base] = count
         return base if count == 1 else f"{base}#{count}"
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
 
 class SiteRecorder:
@@ -317,14 +316,10 @@ def instrument(
     to a different set of sites. The model is left exactly as it was, also when
     the block raises.
     """
-    names = _ModuleStack(model) if (name_sites and expected is None) else None
+    names = _SiteNamer(model) if (name_sites and expected is None) else None
     interceptor = _SiteInterceptor(transform, names, expected)
-    try:
-        with interceptor:
-            yield SiteRecorder(interceptor)
-    finally:
-        if names is not None:
-            names.remove()
+    with interceptor:
+        yield SiteRecorder(interceptor)
 
 
 # ---------------------------------------------------------------------------
