@@ -1,0 +1,154 @@
+"""End to end through a real TorchServe on loopback: /explanations vs /predictions, and the stock anchor.
+
+One TorchServe (started by ``pathway-serve``, the entry point users run) serves two archives of the
+same network, EfficientNet-Lite0 with the same weights:
+
+- ``efficientnet_lite0``: this project's handler (pathway gradient, PNG heatmap + pathway summary);
+- ``stock_lite0``: TorchServe's stock ``image_classifier`` handler on a TorchScript trace of the same
+  model, whose ``/explanations`` path is Captum integrated gradients with 15 steps, returned as
+  nested JSON lists (what a stock deployment gives).
+
+For each model, route and client count (1 and 8 concurrent clients), it sends the same photo and
+records per-request latency (p50, p95), throughput and response bytes. Both archives use the same
+worker settings (1 worker, batchSize 4, maxBatchDelay 20 ms). Run:
+``.venv/bin/python benchmarks/speed/http_e2e.py`` (about 10 minutes on 2 CPU cores); writes
+``benchmarks/speed/results/http-<device>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from benchmarks.common import git_revision, machine, write_results  # noqa: E402
+from handler.models import get_spec, load_model  # noqa: E402
+from handler.samples import sample_photo  # noqa: E402
+from handler.serving.archive import DEFAULT_WORKER_CONFIG, build_archive  # noqa: E402
+from server_harness import Server  # noqa: E402
+
+WORKER = dict(DEFAULT_WORKER_CONFIG)
+
+
+def build_stock_archive(store: Path, work: Path) -> None:
+    """TorchServe's stock image_classifier on a TorchScript trace of the same EfficientNet-Lite0."""
+    import yaml
+
+    model = load_model("efficientnet_lite0").module
+    traced = torch.jit.trace(model, torch.randn(1, 3, 224, 224))
+    traced.save(str(work / "stock_lite0.pt"))
+    (work / "model-config.yaml").write_text(yaml.safe_dump(WORKER))
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    subprocess.run([str(archiver), "--model-name", "stock_lite0", "--version", "1.0", "--serialized-file",
+                    str(work / "stock_lite0.pt"), "--handler", "image_classifier", "--config-file",
+                    str(work / "model-config.yaml"), "--export-path", str(store), "--force"], check=True)
+
+
+def measure(server: Server, model: str, route: str, photo: bytes, clients: int, requests_per_client: int) -> dict:
+    headers = {"Content-Type": "application/octet-stream"}
+
+    def one(_):
+        start = time.perf_counter()
+        reply = server.post(f"/{route}/{model}", data=photo, headers=headers, timeout=600)
+        elapsed = time.perf_counter() - start
+        if reply.status_code != 200:
+            raise RuntimeError(f"{model} {route}: {reply.status_code} {reply.text[:300]}")
+        return elapsed, len(reply.content)
+
+    total = clients * requests_per_client
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(total)))
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    return {
+        "model": model, "route": route, "clients": clients, "requests": total,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+        "throughput_rps": total / wall,
+        "response_bytes": statistics.mean(r[1] for r in results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--photo", default=str(sample_photo("coffee")))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "speed" / "results")
+    args = parser.parse_args()
+    photo = Path(args.photo).read_bytes()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pathway-http-") as tmp:
+        tmp = Path(tmp)
+        store = tmp / "store"
+        store.mkdir()
+        build_archive(get_spec("efficientnet_lite0"), store, worker_config=WORKER)
+        build_stock_archive(store, tmp)
+        server = Server(tmp / "run", store, models=("efficientnet_lite0", "stock_lite0=stock_lite0.mar")).start()
+        try:
+            # /ping is healthy before every worker has loaded: warm every path first, so no measurement
+            # shares the CPU with a model still loading (and one-off first-call work is excluded)
+            for model in ("efficientnet_lite0", "stock_lite0"):
+                for route in ("predictions", "explanations"):
+                    for _ in range(2):
+                        reply = server.post(f"/{route}/{model}", data=photo,
+                                            headers={"Content-Type": "application/octet-stream"}, timeout=600)
+                        reply.raise_for_status()
+            for clients in (1, 8):
+                for model, route in (("efficientnet_lite0", "predictions"), ("efficientnet_lite0", "explanations"),
+                                     ("stock_lite0", "predictions"), ("stock_lite0", "explanations")):
+                    per_client = args.requests_per_client if clients == 1 else max(2, args.requests_per_client // 2)
+                    row = measure(server, model, route, photo, clients, per_client)
+                    rows.append(row)
+                    print(f"{model:18s} {route:12s} clients={clients}: p50 {row['p50_ms']:.0f} ms, p95 "
+                          f"{row['p95_ms']:.0f} ms, {row['throughput_rps']:.2f} req/s, "
+                          f"{row['response_bytes'] / 1000:.0f} kB", flush=True)
+        finally:
+            server.stop()
+    info = machine()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def find(model, route, clients):
+        return next(r for r in rows if (r["model"], r["route"], r["clients"]) == (model, route, clients))
+
+    lines = [
+        f"# End to end over HTTP: TorchServe on loopback ({device})",
+        "",
+        f"Machine: {info.get('gpu', info['cpu'])}; {info['cpu_count']} CPU cores, torch {info['torch']}; "
+        f"revision {git_revision()}. One worker, batchSize 4, maxBatchDelay 20 ms, the coffee photo "
+        "(600×400 PNG) as raw bytes. `stock_lite0` is TorchServe's stock `image_classifier` handler on a "
+        "TorchScript trace of the same network (explanations: Captum IG, 15 steps, nested JSON lists).",
+        "",
+        "| model | route | clients | requests | p50 (ms) | p95 (ms) | throughput (req/s) | response |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['route']} | {r['clients']} | {r['requests']} | {r['p50_ms']:.0f} | "
+                     f"{r['p95_ms']:.0f} | {r['throughput_rps']:.2f} | {r['response_bytes'] / 1000:.0f} kB |")
+    lines += ["", "Ratios (same run):", ""]
+    for clients in (1, 8):
+        ours_e = find("efficientnet_lite0", "explanations", clients)
+        ours_p = find("efficientnet_lite0", "predictions", clients)
+        stock_e = find("stock_lite0", "explanations", clients)
+        lines.append(f"- {clients} client(s): /explanations p50 = {ours_e['p50_ms'] / ours_p['p50_ms']:.2f}× "
+                     f"/predictions p50 (goal ≤ 3×); stock IG-15 /explanations p50 = "
+                     f"{stock_e['p50_ms'] / ours_e['p50_ms']:.1f}× ours (goal ≥ 6×); throughput "
+                     f"{ours_e['throughput_rps'] / stock_e['throughput_rps']:.1f}× the stock path's; response "
+                     f"{ours_e['response_bytes'] / 1000:.0f} kB vs {stock_e['response_bytes'] / 1e6:.1f} MB")
+    write_results(args.out, f"http-{device}", {"machine": info, "revision": git_revision(), "worker": WORKER,
+                                               "results": rows}, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
