@@ -11,6 +11,7 @@ from torch import nn
 from handler.engine import METHODS, SELECTIONS, Explainer, InputNormalisation
 from handler.engine.baselines import gaussian_blur, integration_rule
 from handler.errors import InvalidOption
+from tiny_models import kaiming_resnet18
 
 BASELINE_METHODS = ["input_x_gradient", "integrated_gradients", "smoothgrad", "grad_cam", "guided_backprop"]
 FAST_OPTIONS = {"integrated_gradients": {"steps": 8, "chunk_size": 5}, "smoothgrad": {"samples": 4, "chunk_size": 3}}
@@ -181,14 +182,7 @@ def test_smoothgrad_reduces_to_the_gradient_as_the_noise_vanishes(small_cnn, inp
 
 @pytest.fixture(scope="module")
 def resnet18():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return model.eval().requires_grad_(False)
+    return kaiming_resnet18()
 
 
 def test_grad_cam_is_non_negative_at_input_resolution_and_defaults_to_the_last_conv_stage(resnet18):

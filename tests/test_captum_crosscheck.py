@@ -29,6 +29,7 @@ captum_attr = pytest.importorskip("captum.attr")
 
 from handler.engine import METHODS, InputNormalisation  # noqa: E402
 from handler.engine.baselines import gaussian_blur  # noqa: E402
+from tiny_models import kaiming_resnet18
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -70,14 +71,7 @@ def relu6_visible_to_captum(model: nn.Module) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def resnet():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    model.eval().requires_grad_(False)
+    model = kaiming_resnet18()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     targets = METHODS.get("gradient")(model, x, torch.tensor([-1, 5])).targets  # predicted class, and class 5
     return model, x, targets

@@ -10,6 +10,7 @@ from torch import nn
 
 from handler.engine import SELECTIONS, Explainer, instrument
 from handler.engine.selections import OVERLAP_TOP_CHANNELS
+from tiny_models import kaiming_resnet18
 
 FAST = {
     "contribution": {},
@@ -49,14 +50,7 @@ def inputs():
 @pytest.fixture(scope="module")
 def resnet18():
     """Kaiming weights keep about half the neurons alive (torchvision's defaults can vanish in depth)."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return model.eval().requires_grad_(False)
+    return kaiming_resnet18()
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,7 @@ from torch import nn
 
 from handler.engine import Explainer, instrument, trace_sites
 from handler.engine.sites import NoActivationSitesError
-
-
-def kaiming(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights that keep activations alive through deep stacks (torchvision's defaults can vanish)."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return model.eval()
+from tiny_models import kaiming
 
 
 @pytest.fixture(scope="module")
