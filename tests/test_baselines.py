@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from handler.engine import METHODS, SELECTIONS, Explainer, InputNormalisation

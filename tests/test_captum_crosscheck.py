@@ -22,7 +22,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 captum_attr = pytest.importorskip("captum.attr")

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from handler.engine import SELECTIONS, Explainer, instrument
@@ -164,7 +163,7 @@ def reference_resampling_scores(model, x, copies, noise, seed, min_activation):
         logits = model(batch_copies)
     target = logits[0].argmax()
     y = logits.softmax(1)[:, target]  # [n]
-    correlation, precision, overlaps = [], [], []
+    correlation, precision = [], []
     for a in acts:  # [n, C, H, W]
         a = a.flatten(2)  # [n, C, P]
         var_a = a.var(dim=0, unbiased=False)
