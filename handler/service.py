@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .engine import Explainer, ExplainRequest
+from .engine import Explainer, ExplainRequest, InputNormalisation
 from .errors import ExplainError, InvalidOption
 from .imaging import Preprocessor, decode_image, npy_bytes, png_bytes, render_heatmap, render_overlay
 from .models import LoadedModel, ModelSpec, load_model
@@ -55,6 +55,7 @@ class ExplanationService:
             default_method=defaults.get("method", "pathway_gradient"),
             default_sparsity=defaults.get("sparsity", 0.7),
             default_reduce=defaults.get("reduce", "max_abs"),
+            normalisation=InputNormalisation(loaded.spec.preprocessing.mean, loaded.spec.preprocessing.std),
         )
 
     @classmethod

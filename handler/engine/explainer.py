@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import InvalidOption, InvalidTarget
 from .methods import METHODS, Attribution
+from .normalisation import InputNormalisation
 from .pathways import SELECTIONS
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
 from .registry import UnknownNameError
@@ -87,11 +88,15 @@ class Explainer:
         default_sparsity: float = 0.7,
         default_reduce: str = "max_abs",
         default_selection: str = "contribution",
+        normalisation: Optional[InputNormalisation] = None,
     ):
+        """``normalisation``: how the model's inputs were made from pixels (default: ImageNet statistics);
+        methods that need pixel-space meaning (integrated gradients' black baseline) get it."""
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model = model.to(self.device)
         self.labels = list(labels) if labels is not None else None
         self._label_index = _label_index(self.labels) if self.labels else {}
+        self.normalisation = normalisation if normalisation is not None else InputNormalisation()
         self.defaults = ExplainRequest(
             target=None, method=default_method, sparsity=default_sparsity,
             reduce=default_reduce, selection=default_selection)
@@ -238,6 +243,8 @@ class Explainer:
     def _run(self, x, targets, method_name, selection, options, requests) -> list:
         method = METHODS.get(method_name)
         kwargs = {k: v for k, v in options.items() if k in method.options}
+        if method.uses_normalisation:
+            kwargs["normalisation"] = self.normalisation
         if method.uses_pathway:
             selection_options = {k: v for k, v in options.items() if k not in method.options}
             kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection,
@@ -270,8 +277,11 @@ class Explainer:
                     + ", ".join(summaries[b]["nonlinear_activations"])
                     + "): the pathway is masked as usual, but it is not exactly linear around the input")
             if scales[request.reduce][b] <= ZERO_MAP_EPS:
-                notes.append("the attribution is zero: the target logit does not depend on the input along "
-                             "this path (at high sparsity a pathway can lose the target)")
+                notes.append(
+                    "the attribution is zero: the target logit does not depend on the input along this path "
+                    "(at high sparsity a pathway can lose the target)" if summaries is not None else
+                    f"the attribution is zero everywhere: {method} finds no input evidence for the target "
+                    "(Grad-CAM is zero where every position of its layer weighs against it)")
             out.append(Explanation(
                 method=method,
                 reduce=request.reduce,

@@ -36,6 +36,7 @@ class Method:
     uses_pathway: bool
     summary: str
     options: Mapping[str, OptionSpec] = field(default_factory=dict)
+    uses_normalisation: bool = False  # called with ``normalisation=`` (an InputNormalisation) by the Explainer
 
     def __call__(self, model, x, targets, **options) -> Attribution:
         return self.fn(model, x, targets, **options)
@@ -44,12 +45,23 @@ class Method:
 METHODS: Registry = Registry("explanation method")
 
 
-def register_method(name: str, *, uses_pathway: bool = False, options: Optional[Mapping[str, OptionSpec]] = None):
-    """Register ``fn(model, x, targets, **options) -> Attribution``; ``options`` are what a request may set."""
+def register_method(
+    name: str,
+    *,
+    uses_pathway: bool = False,
+    options: Optional[Mapping[str, OptionSpec]] = None,
+    uses_normalisation: bool = False,
+):
+    """Register ``fn(model, x, targets, **options) -> Attribution``; ``options`` are what a request may set.
+
+    ``uses_normalisation``: the method needs to know what the input looks like in
+    pixel space (a black baseline) and accepts ``normalisation=InputNormalisation``.
+    """
 
     def decorate(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
-        METHODS.register(name)(Method(name, fn, uses_pathway, doc[0] if doc else name, dict(options or {})))
+        METHODS.register(name)(Method(name, fn, uses_pathway, doc[0] if doc else name, dict(options or {}),
+                                      uses_normalisation))
         return fn
     return decorate
 

@@ -298,7 +298,7 @@ def _positive_contribution(a, grad, out):
 @register_selection("contribution", options={
     "signed": OptionSpec(bool, False, help="keep only neurons that push the target logit up"),
 })
-def select_by_contribution(model, x, targets, sparsity, *, signed: bool = False, record_alive: bool = False) -> Pathway:
+def select_by_contribution(model, x, targets, sparsity, *, signed: bool = False, record_alive: bool = True) -> Pathway:
     """Keep the neurons with the largest first-order contribution ``|a ⊙ ∂logit_c/∂a|`` (NeuronMCT).
 
     ``signed=True`` scores ``max(a ⊙ ∂logit_c/∂a, 0)``: only neurons that push the

@@ -13,6 +13,11 @@ transform as a :class:`SiteCall`; the transform runs it (as the model asked:
 in place or not) and returns what the rest of the network sees. Nothing is
 patched on the model: the mode and the naming hooks live exactly as long as the
 ``with`` block.
+
+One layer's output can also be kept from inside a forward (Grad-CAM's layer):
+an activation site's through a transform (:func:`capture_site_output`), any
+other module's through a forward hook that lives as long as its ``with`` block
+(:func:`capture_module_output`).
 """
 
 from __future__ import annotations
@@ -181,6 +186,16 @@ class SiteCall:
             return self._func(self.input.clone(), *self._args[1:], **self._kwargs)
         return self._func(*self._args, **self._kwargs)
 
+    def run_on(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The same activation (same arguments) applied out of place to ``tensor`` instead of the call's input.
+
+        For transforms that put something of their own between the network and
+        the activation (guided backprop's gradient rectifier).
+        """
+        if self.inplace:
+            tensor = tensor.clone()
+        return self._func(tensor, *self._args[1:], **self._kwargs)
+
 
 #: A site transform runs one call (``call.run()``) and returns the tensor the rest of the network continues with.
 SiteTransform = Callable[[SiteCall], torch.Tensor]
@@ -310,6 +325,102 @@ def instrument(
     finally:
         if names is not None:
             names.remove()
+
+
+# ---------------------------------------------------------------------------
+# Capturing one intermediate tensor (Grad-CAM's layer) from inside a forward.
+# ---------------------------------------------------------------------------
+
+
+class UncapturableOutputError(ValueError):
+    """A layer's output cannot be captured: its module is called other than once per forward, it returns no
+    tensor, or the network overwrote it in place after it was produced."""
+
+
+class CapturedOutput:
+    """One tensor kept from inside a forward pass, with a guard against later in-place overwrites.
+
+    The rest of the forward depends on the kept tensor, so gradients with respect
+    to it are gradients with respect to that layer's output. If a later operation
+    overwrote it in place, what it holds is no longer that output, and reading
+    :attr:`tensor` raises :class:`UncapturableOutputError` instead of returning it.
+    """
+
+    def __init__(self):
+        self.source: Optional[str] = None  # the site or module it came from
+        self._tensor: Optional[torch.Tensor] = None
+        self._version = 0
+
+    def keep(self, tensor: torch.Tensor, source: str) -> None:
+        self._tensor, self._version, self.source = tensor, tensor._version, source
+
+    @property
+    def captured(self) -> bool:
+        return self._tensor is not None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self._tensor is None:
+            raise LookupError("nothing was captured in this forward pass")
+        if self._tensor._version != self._version:
+            raise UncapturableOutputError(
+                f"the output of {self.source} is overwritten in place later in the forward pass, so it is no "
+                "longer that layer's output")
+        return self._tensor
+
+
+def capture_site_output(choose: Callable[[Site], bool], into: CapturedOutput) -> SiteTransform:
+    """A site transform that keeps, in ``into``, the output of the last call for which ``choose(site)`` holds.
+
+    Only a reference is kept (no copy), so the choice can be made on the fly
+    (the last site of some shape); :class:`CapturedOutput` refuses it later if the
+    network overwrote it in place.
+    """
+
+    def transform(call: SiteCall) -> torch.Tensor:
+        out = call.run()
+        if choose(call.site):
+            into.keep(out, f"activation site {call.site.name!r}")
+        return out
+
+    return transform
+
+
+@contextlib.contextmanager
+def capture_module_output(model: nn.Module, name: str) -> Iterator[CapturedOutput]:
+    """Within this block, keep the output of the module called ``name`` (a ``named_modules()`` path).
+
+    The rest of the network gets a copy of the output, so a later in-place
+    operation (the in-place ReLU after a BatchNorm) cannot overwrite the captured
+    tensor. A module is not a call: one called several times per forward
+    (torchvision's ``Bottleneck.relu``) has no single output, which is refused with
+    :class:`UncapturableOutputError` when the block ends (name one of its activation
+    sites instead), as is a module that returns something other than a tensor.
+    The hook is removed when the block ends, also on error.
+    """
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise KeyError(name)
+    captured = CapturedOutput()
+    calls = [0]
+
+    def hook(_module, _args, output):
+        calls[0] += 1
+        if not isinstance(output, torch.Tensor):
+            raise UncapturableOutputError(f"module {name!r} returns {type(output).__name__}, not a tensor")
+        if calls[0] > 1:
+            return None
+        captured.keep(output, f"module {name!r}")
+        return output.clone()
+
+    handle = modules[name].register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+    if calls[0] != 1:
+        raise UncapturableOutputError(f"module {name!r} was called {calls[0]} times in one forward pass; "
+                                      "its output is ambiguous (name one of its activation sites instead)")
 
 
 def trace_sites(model: nn.Module, x: torch.Tensor) -> SiteLayout:
