@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test explain-samples bench clean
+.PHONY: setup run test explain-samples bench quality clean
 
 setup:
 	@scripts/setup.sh
@@ -21,6 +21,10 @@ test: setup
 ## Speed benchmark of the engine (writes benchmarks/speed/results/)
 bench: setup
 	$(PY) benchmarks/speed/engine.py
+
+## Explanation-quality report (tens of minutes on a CPU): benchmarks/quality/REPORT.md
+quality: setup
+	$(PY) benchmarks/quality/report.py
 
 clean:
 	rm -rf out .pytest_cache

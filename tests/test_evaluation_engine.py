@@ -178,3 +178,12 @@ def test_maps_come_from_the_explainer_and_relevance_is_their_magnitude(net):
     assert maps.targets.tolist() == [2, 1, 0]
     assert np.array_equal(maps.relevance, np.abs(maps.attribution))
     assert all(p["requested_sparsity"] == 0.5 for p in maps.pathways)
+
+
+def test_a_random_pathway_keeps_dead_neurons_in_proportion_and_overlaps_by_chance(net):
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 16, 16)
+    overlap = compare_selections(net, x, [0, 1], [("contribution", {}), ("random", {"seed": 1})], sparsity=0.5)
+    random = overlap.selections[1]
+    assert random.kept_dead_share == pytest.approx(overlap.dead_share, abs=0.05)
+    assert random.jaccard_with_reference == pytest.approx(random.chance_jaccard, abs=0.05)

@@ -66,6 +66,11 @@ class SelectionStats:
     pathway_probability: np.ndarray  # [B] along the pathway, target class
     seconds: float
 
+    @property
+    def label(self) -> str:
+        return self.selection + ("" if not self.options else
+                                 ":" + ",".join(f"{k}={_show(v)}" for k, v in sorted(self.options.items())))
+
     def summary(self) -> dict:
         per_image = {
             "kept_fraction": self.kept_fraction.tolist(), "kept_dead_share": self.kept_dead_share.tolist(),
@@ -73,7 +78,7 @@ class SelectionStats:
             "probability": self.probability.tolist(), "pathway_probability": self.pathway_probability.tolist(),
         }
         return {
-            "selection": self.selection, "options": self.options,
+            "label": self.label, "selection": self.selection, "options": self.options,
             "kept_fraction": float(self.kept_fraction.mean()),
             "kept_dead_share": float(self.kept_dead_share.mean()),
             "jaccard_with_reference": float(self.jaccard_with_reference.mean()),
@@ -83,6 +88,10 @@ class SelectionStats:
             "seconds_per_image": self.seconds / len(self.kept_fraction),
             "per_image": per_image,
         }
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..engine import SELECTIONS, Explainer
+from ..engine import SELECTIONS, Explainer, InputNormalisation
 from ..errors import InvalidOption
 from ..imaging import Preprocessor
 from ..models import LoadedModel
@@ -129,11 +129,15 @@ def evaluate(
         raise InvalidOption("the pointing game needs ground-truth boxes: evaluate on --synthetic N")
     defaults = loaded.spec.defaults
 
+    prep = loaded.spec.preprocessing
+
     def make_explainer(module) -> Explainer:
+        """An explainer configured exactly as the server's (:class:`~handler.service.ExplanationService`)."""
         return Explainer(module, labels=loaded.labels, device=device,
                          default_method=defaults.get("method", "pathway_gradient"),
                          default_sparsity=defaults.get("sparsity", 0.7),
-                         default_reduce=defaults.get("reduce", "max_abs"))
+                         default_reduce=defaults.get("reduce", "max_abs"),
+                         normalisation=InputNormalisation(prep.mean, prep.std))
 
     explainer = make_explainer(loaded.module)
     variants = [v.validated(explainer) for v in config.methods]

@@ -78,7 +78,7 @@ def overlap_table(record: dict) -> Optional[str]:
     overlap = record.get("pathway_overlap")
     if not overlap:
         return None
-    rows = [[f"`{s['selection']}`" + (f" {s['options']}" if s["options"] else ""), fmt(s["kept_fraction"]),
+    rows = [[f"`{s['label']}`", fmt(s["kept_fraction"]),
              f"{s['kept_dead_share']:.1%}", fmt(s["jaccard_with_reference"]), fmt(s["chance_jaccard"]),
              fmt(s["probability"]), fmt(s["pathway_probability"]), fmt(s["seconds_per_image"], 2)]
             for s in overlap["selections"]]
