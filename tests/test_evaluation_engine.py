@@ -146,15 +146,20 @@ def test_method_variant_syntax_and_validation(net):
     assert checked.options == (("signed", True),)
     assert checked.label == "pathway_gradient@contribution:signed=true"
     assert MethodVariant.parse("gradient").label == "gradient"
+    dense = MethodVariant.parse("pathway_gradient:sparsity=0.9").validated(Explainer(net))
+    assert dense.sparsity == 0.9 and dense.label == "pathway_gradient:sparsity=0.9"
     for bad, message in [("nope", "unknown explanation method"), ("gradient@contribution", "takes no selection"),
                          ("pathway_gradient@nope", "unknown pathway selection"),
-                         ("pathway_gradient:signed", "NAME=VALUE")]:
+                         ("pathway_gradient:signed", "NAME=VALUE"), ("gradient:sparsity=0.5", "no sparsity"),
+                         ("pathway_gradient:sparsity=high", "sparsity must be a number")]:
         with pytest.raises(InvalidOption, match=message):
             MethodVariant.parse(bad)
     with pytest.raises(InvalidOption, match="signed"):
         MethodVariant.parse("pathway_gradient:signed=maybe").validated(Explainer(net))
     with pytest.raises(InvalidOption, match="does not apply"):
         MethodVariant.parse("gradient:steps=3").validated(Explainer(net))
+    with pytest.raises(InvalidOption, match="sparsity must be in"):
+        MethodVariant.parse("pathway_gradient:sparsity=1").validated(Explainer(net))
 
 
 def test_all_variants_cover_every_method_and_every_selection_of_pathway_methods():
@@ -178,6 +183,8 @@ def test_maps_come_from_the_explainer_and_relevance_is_their_magnitude(net):
     assert maps.targets.tolist() == [2, 1, 0]
     assert np.array_equal(maps.relevance, np.abs(maps.attribution))
     assert all(p["requested_sparsity"] == 0.5 for p in maps.pathways)
+    denser = explain_maps(explainer, x, MethodVariant("pathway_gradient", sparsity=0.9), sparsity=0.5)
+    assert all(p["requested_sparsity"] == 0.9 for p in denser.pathways)
 
 
 def test_a_random_pathway_keeps_dead_neurons_in_proportion_and_overlaps_by_chance(net):

@@ -23,17 +23,23 @@ from .progress import Progress
 
 @dataclass(frozen=True)
 class MethodVariant:
-    """A method, the selection strategy its pathway uses (pathway methods only), and its options."""
+    """A method, the selection strategy its pathway uses (pathway methods only), and its options.
+
+    ``sparsity`` (pathway methods only) overrides the run's sparsity for this
+    variant, so one run can compare several sparsities side by side.
+    """
 
     method: str
     selection: Optional[str] = None
     options: tuple = ()  # sorted (name, value) pairs
+    sparsity: Optional[float] = None
 
     @property
     def label(self) -> str:
         text = self.method + (f"@{self.selection}" if self.selection else "")
-        if self.options:
-            text += ":" + ",".join(f"{k}={_show(v)}" for k, v in self.options)
+        shown = list(self.options) + ([("sparsity", self.sparsity)] if self.sparsity is not None else [])
+        if shown:
+            text += ":" + ",".join(f"{k}={_show(v)}" for k, v in shown)
         return text
 
     @classmethod
@@ -50,22 +56,32 @@ class MethodVariant:
             raise InvalidOption(f"{text!r}: {err}") from None
         if selection is not None and not chosen.uses_pathway:
             raise InvalidOption(f"{text!r}: method {method!r} does not follow a pathway, so it takes no selection")
-        options = {}
+        options, sparsity = {}, None
         for item in filter(None, (part.strip() for part in tail.split(","))):
             name, sep, value = item.partition("=")
-            if not sep or not name.strip():
+            name = name.strip()
+            if not sep or not name:
                 raise InvalidOption(f"{text!r}: options are NAME=VALUE, not {item!r}")
-            options[name.strip()] = value.strip()
-        return cls(method, selection, tuple(sorted(options.items())))
+            if name == "sparsity":
+                if not chosen.uses_pathway:
+                    raise InvalidOption(f"{text!r}: method {method!r} does not follow a pathway, so it has no "
+                                        "sparsity")
+                try:
+                    sparsity = float(value)
+                except ValueError:
+                    raise InvalidOption(f"{text!r}: sparsity must be a number, not {value.strip()!r}") from None
+                continue
+            options[name] = value.strip()
+        return cls(method, selection, tuple(sorted(options.items())), sparsity)
 
     def validated(self, explainer: Explainer) -> "MethodVariant":
         """The variant with its options coerced to their declared types (raises :class:`InvalidOption`)."""
         from ..engine.explainer import ExplainRequest
 
         request = explainer.validate(ExplainRequest(method=self.method, selection=self.selection,
-                                                    options=self.options))
+                                                    sparsity=self.sparsity, options=self.options))
         return MethodVariant(self.method, self.selection if METHODS.get(self.method).uses_pathway else None,
-                             request.options)
+                             request.options, None if self.sparsity is None else request.sparsity)
 
 
 def _show(value) -> str:
@@ -121,6 +137,8 @@ def explain_maps(
     chunks = []
     total = x.shape[0]
     options = dict(variant.options)
+    if variant.sparsity is not None:
+        sparsity = variant.sparsity
     for start in range(0, total, batch_size):
         stop = min(total, start + batch_size)
         chunk_targets = None if targets is None else [int(t) for t in targets[start:stop]]
