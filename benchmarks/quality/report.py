@@ -69,13 +69,14 @@ def randomisation_methods() -> list:
 def overlap_selections(long_pruning: bool) -> list:
     """Contribution (the reference), pruning gates (random and all-ones initialisation), then the rest.
 
-    ``long_pruning`` adds random-init gates trained for the authors' 1000 steps (affordable on the small model
-    only: on efficientnet_lite0 that is 1000 forward and backward passes per photo).
+    ``long_pruning`` (the small model only; on efficientnet_lite0 each gate step is a forward and a backward
+    pass through 6.2 M gated neurons) adds random-init gates trained for the authors' 1000 steps and the
+    all-ones initialisation.
     """
     names = SELECTIONS.names()
     chosen = ["contribution"]
     if "pruning_gates" in names:
-        chosen += [PRUNING_RANDOM] + ([PRUNING_RANDOM_LONG] if long_pruning else []) + ["pruning_gates:init=ones"]
+        chosen += [PRUNING_RANDOM] + ([PRUNING_RANDOM_LONG, "pruning_gates:init=ones"] if long_pruning else [])
     if "random" in names:
         chosen.append("random:seed=1")  # seed 0 would draw the same numbers as the random gate initialisation
     chosen += [n for n in names if n not in ("contribution", "pruning_gates", "random")]
@@ -125,14 +126,28 @@ def _font():
         return ImageFont.load_default()
 
 
+HEADER = 44
+
+
+def _wrap(text: str, width: int = 17) -> list:
+    """A method label in lines of at most ``width`` characters, broken before '@' and ':' where possible."""
+    pieces = text.replace("@", "\n@").replace(":", "\n:").split("\n")
+    lines = []
+    for piece in pieces:
+        while len(piece) > width:
+            lines.append(piece[:width])
+            piece = piece[width:]
+        lines.append(piece)
+    return lines
+
+
 def _label_row(labels, width: int, first: str) -> Image.Image:
-    row = Image.new("RGB", (width, 30), "white")
+    row = Image.new("RGB", (width, HEADER), "white")
     draw = ImageDraw.Draw(row)
     font = _font()
     for i, text in enumerate([first] + list(labels)):
-        lines = text.replace("@", "\n@").split("\n")
-        for j, line in enumerate(lines[:2]):
-            draw.text((i * TILE + 3, 2 + 13 * j), line[:18], fill="black", font=font)
+        for j, line in enumerate(_wrap(text)[:3]):
+            draw.text((i * TILE + 3, 2 + 13 * j), line, fill="black", font=font)
     return row
 
 
@@ -142,10 +157,10 @@ def picture_grid(maps_file: Path, out: Path, rows=None, boxes: bool = False) -> 
     methods = data["methods"].tolist()
     index = list(range(len(data["images"]))) if rows is None else list(rows)
     width = TILE * (1 + len(methods))
-    grid = Image.new("RGB", (width, 30 + TILE * len(index)), "white")
+    grid = Image.new("RGB", (width, HEADER + TILE * len(index)), "white")
     grid.paste(_label_row(methods, width, "image"), (0, 0))
     for r, i in enumerate(index):
-        y = 30 + r * TILE
+        y = HEADER + r * TILE
         photo = Image.fromarray(data["images"][i]).resize((TILE, TILE), Image.BILINEAR)
         scale = TILE / data["images"][i].shape[0]
         if boxes:

@@ -216,7 +216,7 @@ def evaluate(
             SELECTIONS.get(name)
         progress = Progress("pathway_overlap", len(images) * len(selections), enabled=show_progress)
         overlap = compare_selections(loaded.module, x, targets, selections, sparsity=sparsity,
-                                     batch_size=min(config.batch_size, 8), progress=progress)
+                                     batch_size=config.batch_size, progress=progress)
         record["pathway_overlap"] = overlap.summary()
     return record, (maps if keep_maps else {})
 
