@@ -108,15 +108,6 @@ def pixel_perturbation(
     return PixelPerturbation(tuple(fractions), p, change[:, :len(counts)], change[:, len(counts):])
 
 
-def perturbation_images(x: torch.Tensor, relevance: np.ndarray, fractions: Sequence[float], *,
-                        value: float = 0.0, seed: int = 0) -> tuple:
-    """The LeRF and MoRF images of one sample (``x`` ``[C, H, W]``), for pictures and tests."""
-    order = relevance_order(relevance, seed=_seed(seed, 0))
-    counts = [pixel_count(f, x.shape[1] * x.shape[2]) for f in fractions]
-    return ([set_pixels(x, order[:k], value) for k in counts],
-            [set_pixels(x, order[::-1][:k], value) for k in counts])
-
-
 # ---------------------------------------------------------------------------
 # Insertion / deletion
 # ---------------------------------------------------------------------------

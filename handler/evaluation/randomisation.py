@@ -19,7 +19,7 @@ layer gets), seeded per stage.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -28,7 +28,7 @@ from torch import nn
 
 from ..engine import Explainer
 from ..engine.explainer import explaining
-from .maps import Maps, MethodVariant, explain_maps
+from .maps import Maps, explain_maps
 from .progress import Progress
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -166,7 +166,6 @@ class Cascade:
     stages: list
     metrics: dict
     seconds: float = 0.0
-    maps: list = field(default_factory=list)  # per stage, the randomised maps (only when asked to keep them)
 
     def summary(self) -> dict:
         out = {"stages": list(self.stages), "seconds": round(self.seconds, 2)}

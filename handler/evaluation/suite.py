@@ -8,7 +8,6 @@ or a fixed index).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -20,8 +19,8 @@ from ..engine import SELECTIONS, Explainer, InputNormalisation
 from ..errors import InvalidOption
 from ..imaging import Preprocessor
 from ..models import LoadedModel
-from .localisation import Box, localisation, tolerance_for
-from .maps import Maps, MethodVariant, explain_maps
+from .localisation import localisation, tolerance_for
+from .maps import Maps, explain_maps
 from .pathway_overlap import compare_selections
 from .perturbation import FRACTIONS, RISE_STEP, curve_length, insertion_deletion, pixel_perturbation
 from .progress import Progress
@@ -257,11 +256,3 @@ def parse_overlap_selection(text: str) -> tuple:
                                 f"(it accepts: {', '.join(sorted(strategy.options)) or 'none'})")
         options[key] = spec.coerce(key, value)
     return name, options
-
-
-def box_list(boxes) -> list:
-    return [Box(*b) for b in boxes]
-
-
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
