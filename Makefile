@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run serve model-store test explain-samples bench bench-full bench-engine clean
+.PHONY: setup run serve model-store test explain-samples bench bench-full bench-engine quality clean
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,10 @@ bench-full: setup
 ## Quick check: pathway/vanilla ratio of the engine, glibc's default allocator vs retained heap
 bench-engine: setup
 	$(PY) benchmarks/speed/engine.py
+
+## Explanation-quality report (tens of minutes on a CPU): benchmarks/quality/REPORT.md
+quality: setup
+	$(PY) benchmarks/quality/report.py
 
 clean:
 	rm -rf out var .pytest_cache model_store/*.mar

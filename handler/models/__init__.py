@@ -4,8 +4,9 @@ Serving another classifier means writing a spec (a JSON file, or the CLI's
 ``--arch/--weights/--labels``), not code. Built-in specs live beside this file
 as ``<name>.json``.
 
-Architectures are ``"timm:<name>"`` or ``"torchvision:<name>"`` (a bare name is
-looked up in torchvision, then timm). Weights come from a state-dict file
+Architectures are ``"timm:<name>"``, ``"torchvision:<name>"`` or ``"handler:<name>"``
+(this project's own, :mod:`.architectures`); a bare name is looked up in
+torchvision, then timm. Weights come from a state-dict file
 (always loaded with ``weights_only=True``), a file shipped inside an installed
 Python package, or nowhere (random initialisation, for speed benchmarks).
 """
@@ -224,6 +225,13 @@ def read_labels_file(path: Union[str, Path]) -> list:
 def build_architecture(architecture: str, num_classes: Optional[int]) -> nn.Module:
     source, _, name = architecture.rpartition(":")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if source == "handler":
+        from .architectures import ARCHITECTURES
+
+        if name not in ARCHITECTURES:
+            raise ModelLoadError(f"this project defines no architecture {name!r}; it defines: "
+                                 f"{', '.join(ARCHITECTURES.names())}")
+        return ARCHITECTURES.get(name)(num_classes)
     if source in ("", "torchvision"):
         import torchvision
 
@@ -238,7 +246,8 @@ def build_architecture(architecture: str, num_classes: Optional[int]) -> nn.Modu
         if timm.is_model(name):
             return timm.create_model(name, pretrained=False, **kwargs)
         raise ModelLoadError(f"no torchvision or timm architecture is called {name!r}")
-    raise ModelLoadError(f"architecture must be 'torchvision:<name>', 'timm:<name>' or a bare name, not {architecture!r}")
+    raise ModelLoadError(f"architecture must be 'torchvision:<name>', 'timm:<name>', 'handler:<name>' or a bare name, "
+                         f"not {architecture!r}")
 
 
 def weights_path(spec: ModelSpec) -> Optional[Path]:
