@@ -157,6 +157,21 @@ def test_request_that_runs_out_of_memory_alone_gets_507_and_its_batch_neighbours
     assert cache.values("pathway_rejected_requests_total", reason="out_of_memory", code="507") == [1]
 
 
+@pytest.mark.parametrize("neighbours", [0, 1], ids=["alone", "in a batch"])
+def test_request_error_found_only_while_running_is_a_400_alone_or_batched(served, coffee, neighbours):
+    """A Grad-CAM layer name is checked against the model when the engine runs, not while parsing: the
+    request still gets its 400 (not a 500), whether it was the only explain request or had neighbours."""
+    h, context, cache = served
+    headers = [{"explain": "True", "X-Explain-Method": "grad_cam", "X-Explain-Layer": "no.such.layer"}]
+    headers += [explain_headers(Method="gradient", Outputs="pathway")] * neighbours
+    ctx = context(headers)
+    out = h.handle([{"body": bytearray(coffee)}] * len(headers), ctx)
+    assert ctx.status == {0: 400}
+    error = json.loads(out[0])
+    assert error["type"] == "invalid_layer" and "no.such.layer" in error["message"]
+    assert all(json.loads(body)["explanation"]["target"]["label"] == "espresso" for body in out[1:])
+
+
 def test_engine_reported_splits_are_counted_through_the_documented_hook(served, coffee, monkeypatch):
     """The engine's automatic OOM splitting (another branch) reports through Explainer.on_batch_split."""
     h, context, cache = served

@@ -168,7 +168,8 @@ class PathwayHandler:
                 oom = is_out_of_memory(err)
                 release_memory()
                 if len(members) == 1:
-                    logger.exception("a %s request failed", "explain" if explain else "predict")
+                    if not isinstance(err, ExplainError):
+                        logger.exception("a %s request failed", "explain" if explain else "predict")
                     members[0]["error"] = _failure(err)
                     continue
                 if oom:
@@ -180,11 +181,10 @@ class PathwayHandler:
                 for plan in members:
                     try:
                         self._run_group([plan], explain)
-                    except ExplainError as err:  # a request error the engine found only while running
-                        plan["error"] = err
                     except Exception as alone:  # noqa: BLE001 - isolated to this request
-                        release_memory()
-                        logger.exception("request failed on its own")
+                        if not isinstance(alone, ExplainError):
+                            release_memory()
+                            logger.exception("request failed on its own")
                         plan["error"] = _failure(alone)
 
     def _run_group(self, plans: list, explain: bool) -> None:
@@ -308,6 +308,8 @@ def release_memory() -> None:
 
 def _failure(err: BaseException) -> ExplainError:
     """The error document for a request that failed on its own (never raised: TorchServe would fail the batch)."""
+    if isinstance(err, ExplainError):  # a request error the engine found only while running (e.g. a layer name)
+        return err
     if is_out_of_memory(err):
         return OutOfMemory("out of memory while serving this request; retry later, or with fewer images or "
                            "smaller outputs")
