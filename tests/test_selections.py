@@ -9,6 +9,7 @@ from torch import nn
 
 from handler.engine import SELECTIONS, Explainer, instrument
 from handler.engine.selections import OVERLAP_TOP_CHANNELS
+from handler.evaluation.pathway_overlap import alive_neurons
 from tiny_models import kaiming_resnet18
 
 FAST = {
@@ -75,20 +76,38 @@ def test_every_selection_gives_a_pathway_over_the_same_sites(resnet18, resnet_pa
 
 
 @pytest.mark.parametrize("name", list(FAST))
-def test_every_selection_counts_the_dead_neurons_it_keeps(resnet_pathways, name):
-    """``alive`` is the full network's (non-zero activation), and the summary counts kept ∧ dead."""
-    _, _, pathways = resnet_pathways
+def test_every_selection_counts_the_dead_neurons_it_keeps(resnet18, resnet_pathways, name):
+    """The summary counts kept ∧ dead, dead meaning zero in the full network (measured independently here)."""
+    x, _, pathways = resnet_pathways
     pathway = pathways[name]
-    assert torch.equal(pathway.alive, pathways["contribution"].alive)
-    assert 0.2 < pathway.alive.double().mean().item() < 0.8  # kaiming ResNet on noise: about half are dead
-    dead_kept = (pathway.keep & ~pathway.alive).sum(1).tolist()
+    _, alive = alive_neurons(resnet18, x)
+    assert 0.2 < alive.double().mean().item() < 0.8  # kaiming ResNet on noise: about half are dead
+    if pathway.alive is not None:
+        assert torch.equal(pathway.alive, alive)
+    dead_kept = (pathway.keep & ~alive).sum(1).tolist()
     assert [s["kept_dead_neurons"] for s in pathway.summaries()] == dead_kept
     if name == "contribution":
         assert dead_kept == [0, 0]  # a dead neuron scores 0, so it is never above the threshold
     if name == "random":
-        dead_fraction = 1 - pathway.alive.double().mean(1)
+        dead_fraction = 1 - alive.double().mean(1)
         kept = pathway.keep.sum(1).double()
         assert torch.allclose(torch.tensor(dead_kept).double() / kept, dead_fraction, atol=0.02)
+
+
+def test_contribution_records_the_alive_mask_only_when_a_sample_keeps_every_neuron(resnet18):
+    """Above sparsity 0 no dead neuron can be kept, so the [B, N] mask is skipped; at 0 all are kept and counted."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 64, 64)
+    _, alive = alive_neurons(resnet18, x)
+    select = SELECTIONS.get("contribution")
+    sparse = select(resnet18, x, torch.tensor([-1, -1]), [0.3, 0.5])
+    assert sparse.alive is None and [s["kept_dead_neurons"] for s in sparse.summaries()] == [0, 0]
+    measured = select(resnet18, x, torch.tensor([-1, -1]), [0.3, 0.5], record_alive=True)
+    assert torch.equal(measured.alive, alive) and torch.equal(measured.keep, sparse.keep)
+    assert [s["kept_dead_neurons"] for s in measured.summaries()] == [0, 0]
+    full = select(resnet18, x, torch.tensor([-1, -1]), [0.0, 0.5])
+    assert torch.equal(full.alive, alive)
+    assert [s["kept_dead_neurons"] for s in full.summaries()] == [int((~alive[0]).sum()), 0]
 
 
 @pytest.mark.parametrize("name", list(FAST))
