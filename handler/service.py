@@ -96,20 +96,24 @@ class ExplanationService:
         return decode_image(data, self.limits.image)
 
     def predict(self, images: Sequence[Image.Image], options: Sequence[RequestOptions]) -> list:
-        started = time.perf_counter()
-        probabilities = self.explainer.predict(self.preprocessor.batch(images)).cpu().numpy()
-        self.observer.stage("engine", "predict", time.perf_counter() - started, len(images))
-        return [prediction_document(self.name, p, self.labels, o.top_k) for p, o in zip(probabilities, options)]
+        """One prediction document per image, or the :class:`ExplainError` that request alone caused.
 
-    def explain(
-        self,
-        images: Sequence[Image.Image],
-        options: Sequence[RequestOptions],
-        *,
-        attribution_dtype=np.float16,
-    ) -> list:
-        """One :class:`ExplainResult` per image, or the :class:`ExplainError` that request alone caused."""
-        results: list = [None] * len(images)
+        Explanation options sent with a prediction are checked like an explanation's (a bad target or
+        method is a 400 here too, not silently ignored); valid ones have nothing to change.
+        """
+        results, _, valid = self._validated(options)
+        if not valid:
+            return results
+        started = time.perf_counter()
+        probabilities = self.explainer.predict(self.preprocessor.batch([images[i] for i in valid])).cpu().numpy()
+        self.observer.stage("engine", "predict", time.perf_counter() - started, len(valid))
+        for i, p in zip(valid, probabilities):
+            results[i] = prediction_document(self.name, p, self.labels, options[i].top_k)
+        return results
+
+    def _validated(self, options: Sequence[RequestOptions]) -> tuple:
+        """``(results, requests, valid)``: each request checked against the engine and the caps; errors in place."""
+        results: list = [None] * len(options)
         requests, valid = [], []
         for i, o in enumerate(options):
             try:
@@ -121,6 +125,17 @@ class ExplanationService:
                 continue
             requests.append(request)
             valid.append(i)
+        return results, requests, valid
+
+    def explain(
+        self,
+        images: Sequence[Image.Image],
+        options: Sequence[RequestOptions],
+        *,
+        attribution_dtype=np.float16,
+    ) -> list:
+        """One :class:`ExplainResult` per image, or the :class:`ExplainError` that request alone caused."""
+        results, requests, valid = self._validated(options)
         if not valid:
             return results
         started = time.perf_counter()

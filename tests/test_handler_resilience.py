@@ -172,6 +172,16 @@ def test_request_error_found_only_while_running_is_a_400_alone_or_batched(served
     assert all(json.loads(body)["explanation"]["target"]["label"] == "espresso" for body in out[1:])
 
 
+def test_prediction_with_a_bad_explanation_option_is_a_400_not_silently_ignored(served, coffee):
+    h, context, cache = served
+    headers = [{"X-Explain-Target": "unicorn"}, {"X-Explain-Method": "magic"}, {"X-Explain-Target": "espresso"}, {}]
+    ctx = context(headers)
+    out = h.handle([{"body": bytearray(coffee)}] * len(headers), ctx)
+    assert ctx.status == {0: 400, 1: 400}
+    assert [json.loads(out[i])["type"] for i in (0, 1)] == ["unknown_label", "unknown_method"]
+    assert [json.loads(body)["predictions"][0]["label"] for body in out[2:]] == ["espresso", "espresso"]
+
+
 def test_engine_reported_splits_are_counted_through_the_documented_hook(served, coffee, monkeypatch):
     """The engine's automatic OOM splitting (another branch) reports through Explainer.on_batch_split."""
     h, context, cache = served

@@ -146,3 +146,16 @@ def small_cnn():
 
     torch.manual_seed(0)
     return SmallCNN().double().eval()
+
+
+@pytest.mark.parametrize("target, kind", [("9" * 5000, "target_out_of_range"), ("-" + "9" * 40, "target_out_of_range"),
+                                          ("²", "unknown_label"), ("٣", "unknown_label")])
+def test_target_strings_that_look_numeric_get_a_clear_error_not_a_crash(target, kind):
+    from handler.engine import Explainer
+    from handler.errors import InvalidTarget
+
+    explainer = Explainer(hand_network())
+    assert explainer.resolve_target(" 1 ") == 1
+    with pytest.raises(InvalidTarget) as raised:
+        explainer.resolve_target(target)
+    assert raised.value.type == kind

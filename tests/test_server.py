@@ -219,7 +219,7 @@ BAD_REQUESTS = [
     ("unknown output", dict(json={"image": "PHOTO", "outputs": ["video"]}), 400, "unknown_output"),
     ("unknown option", dict(json={"image": "PHOTO", "sparcity": 0.5}), 400, "unknown_option"),
     ("unknown Grad-CAM layer", dict(json={"image": "PHOTO", "method": "grad_cam", "layer": "no.such.layer"}), 400,
-     None),
+     "invalid_layer"),
     ("steps above the archive's cap", dict(json={"image": "PHOTO", "method": "integrated_gradients", "steps": 200}),
      400, "over_limit"),
     ("multipart without image", dict(files={"target": (None, "3")}), 400, "missing_image"),

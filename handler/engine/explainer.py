@@ -143,7 +143,10 @@ class Explainer:
             raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
         if isinstance(target, str):
             text = target.strip()
-            if text.lstrip("-").isdigit():
+            digits = text[1:] if text.startswith("-") else text
+            if digits.isascii() and digits.isdigit():  # not "²" or "٣", which isdigit() also accepts
+                if len(digits) > 18:  # far out of range; int() of thousands of digits would raise
+                    raise InvalidTarget(f"target {text[:24]}… is out of range", type="target_out_of_range")
                 return self.resolve_target(int(text))
             hits = self._label_index.get(text.lower())
             if not hits:
