@@ -55,6 +55,10 @@ def build_stock_archive(store: Path, work: Path) -> None:
                     str(work / "model-config.yaml"), "--export-path", str(store), "--force"], check=True)
 
 
+def _size(n: float) -> str:
+    return f"{n:.0f} B" if n < 1000 else f"{n / 1000:.0f} kB"
+
+
 def measure(server: Server, model: str, route: str, photo: bytes, clients: int, requests_per_client: int) -> dict:
     headers = {"Content-Type": "application/octet-stream"}
 
@@ -83,7 +87,8 @@ def measure(server: Server, model: str, route: str, photo: bytes, clients: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--requests-per-client", type=int, default=20,
+                        help="requests per client with 1 client; half as many each with 8 clients")
     parser.add_argument("--photo", default=str(sample_photo("coffee")))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "speed" / "results")
     args = parser.parse_args()
@@ -113,7 +118,7 @@ def main() -> None:
                     rows.append(row)
                     print(f"{model:18s} {route:12s} clients={clients}: p50 {row['p50_ms']:.0f} ms, p95 "
                           f"{row['p95_ms']:.0f} ms, {row['throughput_rps']:.2f} req/s, "
-                          f"{row['response_bytes'] / 1000:.0f} kB", flush=True)
+                          f"{_size(row['response_bytes'])}", flush=True)
         finally:
             server.stop()
     info = machine()
@@ -135,7 +140,7 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['route']} | {r['clients']} | {r['requests']} | {r['p50_ms']:.0f} | "
-                     f"{r['p95_ms']:.0f} | {r['throughput_rps']:.2f} | {r['response_bytes'] / 1000:.0f} kB |")
+                     f"{r['p95_ms']:.0f} | {r['throughput_rps']:.2f} | {_size(r['response_bytes'])} |")
     lines += ["", "Ratios (same run):", ""]
     for clients in (1, 8):
         ours_e = find("efficientnet_lite0", "explanations", clients)
@@ -145,7 +150,7 @@ def main() -> None:
                      f"/predictions p50 (goal ≤ 3×); stock IG-15 /explanations p50 = "
                      f"{stock_e['p50_ms'] / ours_e['p50_ms']:.1f}× ours (goal ≥ 6×); throughput "
                      f"{ours_e['throughput_rps'] / stock_e['throughput_rps']:.1f}× the stock path's; response "
-                     f"{ours_e['response_bytes'] / 1000:.0f} kB vs {stock_e['response_bytes'] / 1e6:.1f} MB")
+                     f"{_size(ours_e['response_bytes'])} vs {stock_e['response_bytes'] / 1e6:.1f} MB")
     write_results(args.out, f"http-{device}", {"machine": info, "revision": git_revision(), "worker": WORKER,
                                                "results": rows}, "\n".join(lines) + "\n")
 
