@@ -176,8 +176,9 @@ class PathwayHandler:
                     self.service.observer.batch_split(BatchSplit(
                         size=sum(len(p["images"]) for p in members), parts=tuple(len(p["images"]) for p in members),
                         source="handler"))
-                logger.exception("batch of %d %s requests failed%s; retrying them one by one", len(members),
-                                 "explain" if explain else "predict", " (out of memory)" if oom else "")
+                log = logger.warning if isinstance(err, ExplainError) else logger.exception  # a request's own error
+                log("batch of %d %s requests failed%s; retrying them one by one: %s", len(members),
+                    "explain" if explain else "predict", " (out of memory)" if oom else "", err)
                 for plan in members:
                     try:
                         self._run_group([plan], explain)
