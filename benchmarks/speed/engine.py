@@ -4,7 +4,8 @@ The quick check behind the suite (``run.py``): the engine's pathway gradient and
 vanilla gradient, same model, batch and process, interleaved rounds. On the CPU each case runs twice, in
 fresh processes: with glibc's default allocator, which returns every block above 32 MB to the system
 when it is freed (so the next call page-faults all of it in again, ~2.5 µs per 4 KiB page here), and with
-freed memory retained (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, see :data:`RETAIN_HEAP`).
+freed memory retained (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, the settings ``pathway-serve`` gives
+TorchServe's workers: ``handler.serving.launcher.RETAINED_HEAP``).
 Pathway gradient allocates more than a vanilla gradient (a second pass, the [B, N] scores and mask), so
 page faults inflate its ratio at large batches. Writes ``results/engine-<device>.{json,md}``.
 
@@ -26,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import git_revision, machine, write_results  # noqa: E402
+from handler.serving.launcher import RETAINED_HEAP  # noqa: E402
 
 CASES = [("efficientnet_lite0", 1), ("efficientnet_lite0", 8), ("resnet50", 1), ("resnet50", 8)]
 GPU_CASES = [("efficientnet_lite0", 1), ("efficientnet_lite0", 8), ("efficientnet_lite0", 32),
              ("resnet50", 1), ("resnet50", 16), ("resnet50", 64)]
 #: glibc keeps freed memory for reuse instead of unmapping it (what jemalloc/tcmalloc do by default).
-RETAIN_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
-ALLOCATORS = {"default": {}, "retained heap": RETAIN_HEAP}
+ALLOCATORS = {"default": {}, "retained heap": RETAINED_HEAP}
 
 
 def worker(args) -> None:
@@ -94,7 +95,7 @@ def main() -> None:
     ]
     if args.device == "cpu":
         lines += ["Each allocator setting runs in its own process: `default` is glibc as shipped; `retained heap` sets "
-                  + ", ".join(f"`{k}={v}`" for k, v in RETAIN_HEAP.items()) + " (freed memory is reused instead of "
+                  + ", ".join(f"`{k}={v}`" for k, v in RETAINED_HEAP.items()) + " (freed memory is reused instead of "
                   "being unmapped and page-faulted in again on the next call)."]
     lines += ["", "| model | batch | allocator | vanilla (ms) | pathway gradient (ms) | ratio | Explainer (ms) | ratio |",
               "|---|---:|---|---:|---:|---:|---:|---:|"]

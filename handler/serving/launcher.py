@@ -11,6 +11,13 @@ with a copy of the configuration that points it at ``<run-dir>/metrics.yaml``:
 TorchServe's default metrics plus those the archives declare (TorchServe only
 exposes declared metrics; see :mod:`.metrics`).
 
+TorchServe and its workers run with glibc keeping freed memory for reuse
+(:data:`RETAINED_HEAP`, unless those variables are already set or
+``PATHWAY_RETAIN_HEAP=0``): by default glibc unmaps every freed block above 32 MB
+and the next request page-faults it in again, which made a CPU explanation ~20 %
+slower in ``benchmarks/speed/engine.py``. The worker's memory then stays at its
+peak working set instead of shrinking between requests.
+
 ``pathway-serve --healthcheck`` is the container's health probe: it pings
 ``/ping`` with the inference key from the run directory's key file (TorchServe
 0.12 wants it even there), renewing that key with the API key first if it has
@@ -39,6 +46,20 @@ from .metrics import write_server_metrics_config
 ROOT = Path(__file__).resolve().parents[2]
 JAVA_HELP = ("TorchServe 0.12 needs Java 17 or newer. On Debian/Ubuntu: apt-get update && apt-get install -y "
              "openjdk-17-jre-headless (or set JAVA_HOME to a JDK 17).")
+
+
+#: glibc settings that keep freed memory for reuse (what jemalloc and tcmalloc do by default).
+RETAINED_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
+def server_environment(base: dict, run_dir: Path) -> dict:
+    """The environment TorchServe (and so each worker) starts with."""
+    env = dict(base, TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
+               LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
+    if env.get("PATHWAY_RETAIN_HEAP", "1") != "0":
+        for key, value in RETAINED_HEAP.items():
+            env.setdefault(key, value)
+    return env
 
 
 class LaunchError(RuntimeError):
@@ -270,8 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     key_file = run_dir / "key_file.json"
     key_file.unlink(missing_ok=True)
     ts_config = serving_config(args.config.resolve(), props, run_dir, [store / m.split("=", 1)[1] for m in models])
-    env = dict(os.environ, TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
-               LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
+    env = server_environment(os.environ, run_dir)
     cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
            "--ts-config", str(ts_config), "--model-store", str(store), "--models", *models]
     proc = subprocess.Popen(cmd, cwd=run_dir, env=env)
