@@ -139,18 +139,6 @@ def reference_key(kind, photo, options):
     return kind, photo, tuple(sorted((k, v) for k, v in options.items() if k != "top_k"))
 
 
-def test_worker_runs_with_the_retained_heap_that_pathway_serve_sets(load_server, photo_bytes):
-    """The allocator setting reaches the Python worker (TorchServe passes its environment down)."""
-    from handler.serving.launcher import RETAINED_HEAP
-
-    reply = call(load_server, photo_bytes, "predict", "coffee", {})  # the worker is up once it has answered
-    assert reply.status_code == 200, reply.text
-    pid = worker_pid(load_server)
-    assert pid is not None and pid != os.getpid()
-    environ = psutil.Process(pid).environ()
-    assert {k: environ.get(k) for k in RETAINED_HEAP} == RETAINED_HEAP
-
-
 def test_mixed_load_from_16_clients_matches_sequential_answers(load_server, photo_bytes, measurements):
     plan = load_plan()
     # Sequential references, which also warm the worker up before its memory is read.

@@ -213,12 +213,12 @@ def test_request_count_limits_are_configured():
     assert DEFAULT_PATHWAY_CONFIG["limits"]["max_top_k"] <= 20
 
 
-def test_server_environment_retains_the_heap_unless_told_otherwise(tmp_path):
+def test_server_environment_retains_the_heap_only_when_asked(tmp_path):
     from handler.serving.launcher import RETAINED_HEAP, server_environment
 
-    env = server_environment({"PATH": "/bin"}, tmp_path)
-    assert {k: env[k] for k in RETAINED_HEAP} == RETAINED_HEAP and env["TMPDIR"] == str(tmp_path / "tmp")
-    own = server_environment({"MALLOC_MMAP_THRESHOLD_": "65536"}, tmp_path)
+    default = server_environment({"PATH": "/bin"}, tmp_path)
+    assert not set(RETAINED_HEAP) & set(default) and default["TMPDIR"] == str(tmp_path / "tmp")
+    env = server_environment({"PATHWAY_RETAIN_HEAP": "1"}, tmp_path)
+    assert {k: env[k] for k in RETAINED_HEAP} == RETAINED_HEAP
+    own = server_environment({"PATHWAY_RETAIN_HEAP": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}, tmp_path)
     assert own["MALLOC_MMAP_THRESHOLD_"] == "65536"  # an operator's own setting wins
-    off = server_environment({"PATHWAY_RETAIN_HEAP": "0"}, tmp_path)
-    assert not set(RETAINED_HEAP) & set(off)

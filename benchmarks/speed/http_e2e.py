@@ -18,6 +18,7 @@ worker settings (1 worker, batchSize 4, maxBatchDelay 20 ms). Run:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -127,13 +128,18 @@ def main() -> None:
     def find(model, route, clients):
         return next(r for r in rows if (r["model"], r["route"], r["clients"]) == (model, route, clients))
 
+    from handler.serving.launcher import RETAINED_HEAP, server_environment
+
+    retained = all(server_environment(dict(os.environ), Path("var")).get(k) == v for k, v in RETAINED_HEAP.items())
+    allocator = "retained heap (PATHWAY_RETAIN_HEAP=1)" if retained else "glibc defaults"
     lines = [
         f"# End to end over HTTP: TorchServe on loopback ({device})",
         "",
         f"Machine: {info.get('gpu', info['cpu'])}; {info['cpu_count']} CPU cores, torch {info['torch']}; "
         f"revision {git_revision()}. One worker, batchSize 4, maxBatchDelay 20 ms, the coffee photo "
         "(600×400 PNG) as raw bytes. `stock_lite0` is TorchServe's stock `image_classifier` handler on a "
-        "TorchScript trace of the same network (explanations: Captum IG, 15 steps, nested JSON lists).",
+        "TorchScript trace of the same network (explanations: Captum IG, 15 steps, nested JSON lists). "
+        f"Server allocator: {allocator}.",
         "",
         "| model | route | clients | requests | p50 (ms) | p95 (ms) | throughput (req/s) | response |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -152,7 +158,7 @@ def main() -> None:
                      f"{ours_e['throughput_rps'] / stock_e['throughput_rps']:.1f}× the stock path's; response "
                      f"{_size(ours_e['response_bytes'])} vs {stock_e['response_bytes'] / 1e6:.1f} MB")
     write_results(args.out, f"http-{device}", {"machine": info, "revision": git_revision(), "worker": WORKER,
-                                               "results": rows}, "\n".join(lines) + "\n")
+                                               "allocator": allocator, "results": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
