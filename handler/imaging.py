@@ -8,6 +8,7 @@ normalises what can (EXIF orientation, palette, grayscale, 16-bit, CMYK, alpha).
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -120,6 +121,26 @@ class CropBox:
     bottom: float
 
 
+#: Longest side / shortest side the resize sees. Resizing the shorter side to 256 makes the image
+#: 256 x 256·aspect pixels: a tiny 8 x 5,000,000 PNG under the pixel cap would become 41 G pixels (a dead
+#: worker). Beyond this ratio the photo is first cut to a centred window of this aspect; the centre crop
+#: the model sees lies deep inside it, so its pixels are the same up to resampling rounding.
+MAX_ASPECT = 8
+
+
+def _centre_window(image: Image.Image, max_aspect: float) -> Image.Image:
+    width, height = image.size
+    if max(width, height) <= max_aspect * min(width, height):
+        return image
+    if width > height:
+        keep = int(math.ceil(max_aspect * height))
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    keep = int(math.ceil(max_aspect * width))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
+
+
 class Preprocessor:
     """The model spec's preprocessing, with torchvision transforms; also maps the crop back onto the photo."""
 
@@ -136,7 +157,7 @@ class Preprocessor:
         ])
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+        return self.transform(_centre_window(image, MAX_ASPECT))
 
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return torch.stack([self(image) for image in images])

@@ -163,5 +163,8 @@ def corpus(photo: bytes, max_request_size: int) -> list:
         ("valid RGBA PNG (composited)", dict(data=encode(gradient_image((64, 48), "RGBA"), "PNG"), headers=RAW), 200,
          None),
         ("valid EXIF-rotated JPEG (turned upright)", dict(data=exif_rotated_jpeg(), headers=RAW), 200, None),
+        # 1.6 M pixels in 12 kB: resized to a 256-pixel shorter side it would be 410 M pixels without the window
+        ("valid 8x200000 strip (centre window)", dict(data=encode(Image.new("RGB", (8, 200_000), (200, 10, 10)),
+                                                                  "PNG"), headers=RAW), 200, None),
     ]
     return cases

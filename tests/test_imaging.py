@@ -4,11 +4,12 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from handler.imaging import ImageLimits, Preprocessor, colormap_lut, decode_image, render_overlay
-from handler.models import Preprocessing
+from handler.models import Preprocessing, get_spec
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -126,3 +127,30 @@ def test_overlay_keeps_the_photo_outside_the_model_window(photo):
 def test_colormaps_are_256_colour_ramps():
     lut = colormap_lut("viridis")
     assert lut.shape == (256, 3) and tuple(lut[0]) == (68, 1, 84) and tuple(lut[-1]) == (253, 231, 37)
+
+
+@pytest.mark.parametrize("size", [(100, 900), (1300, 120), (17, 400)])
+def test_extreme_aspect_photos_are_windowed_without_changing_what_the_model_sees(size):
+    """Past MAX_ASPECT the photo is cut to a centred window before the resize; the centre crop is unchanged."""
+    from handler.imaging import MAX_ASPECT
+    from handler.samples import sample_photo
+
+    assert max(size) / min(size) > MAX_ASPECT
+    prep = Preprocessor(get_spec("efficientnet_lite0").preprocessing)
+    photo = Image.open(sample_photo("coffee")).convert("RGB").resize(size, Image.BILINEAR)
+    windowed, full = prep(photo), prep.transform(photo)
+    # the same region up to torchvision's integer rounding of the resized size (a fraction of a pixel)
+    assert (windowed - full).abs().mean() < 0.02 and np.corrcoef(windowed.ravel(), full.ravel())[0, 1] > 0.99
+
+
+def test_a_tiny_png_of_extreme_aspect_cannot_make_the_resize_huge():
+    """8 x 2,000,000 pixels is under the pixel cap; resized to a 256 shorter side it would be 16 G pixels."""
+    from handler.imaging import MAX_ASPECT
+
+    prep = Preprocessor(get_spec("efficientnet_lite0").preprocessing)
+    seen = []
+    transform = prep.transform
+    prep.transform = lambda image: seen.append(image.size) or transform(image)
+    x = prep(Image.new("RGB", (8, 2_000_000), (200, 10, 10)))
+    assert tuple(x.shape) == (3, 224, 224)
+    assert seen == [(8, 8 * MAX_ASPECT)]
