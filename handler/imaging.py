@@ -63,7 +63,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         image.load()
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, struct.error, ...
         raise InvalidImage(f"the image data is truncated or corrupt: {err}", type="corrupt_image") from None
 
 

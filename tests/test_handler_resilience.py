@@ -14,6 +14,7 @@ import yaml
 
 from handler.engine import BatchSplit, report_split
 from handler.serving import handler as handler_module
+from handler.serving import requests as requests_module
 from handler.serving.metrics import SPEC_FILE, HandlerMetrics, load_specs, server_metrics_config
 from handler.serving.requests import envelope_of, parse_envelope
 
@@ -180,6 +181,32 @@ def test_prediction_with_a_bad_explanation_option_is_a_400_not_silently_ignored(
     assert ctx.status == {0: 400, 1: 400}
     assert [json.loads(out[i])["type"] for i in (0, 1)] == ["unknown_label", "unknown_method"]
     assert [json.loads(body)["predictions"][0]["label"] for body in out[2:]] == ["espresso", "espresso"]
+
+
+def test_json_bodies_torchserve_could_not_decode_get_their_own_400(served, coffee):
+    """TorchServe forwards the raw bytes when its json.loads fails: too deep, or an integer of 5000 digits
+    (a ValueError, not a JSONDecodeError). Each is a 400 for its request only, never a failed batch."""
+    h, context, cache = served
+    json_headers = {"content-type": "application/json", "explain": "True"}
+    bodies = [b"[" * 100_000 + b"]" * 100_000, b'{"image": "x", "top_k": ' + b"9" * 5000 + b"}", coffee]
+    ctx = context([json_headers, json_headers, {}])
+    out = h.handle([{"body": bytearray(b)} for b in bodies], ctx)
+    assert ctx.status == {0: 400, 1: 400}
+    assert "nested too deeply" in json.loads(out[0])["message"]
+    assert "digits" in json.loads(out[1])["message"]
+    assert json.loads(out[2])["predictions"][0]["label"] == "espresso"
+
+
+def test_a_request_the_parser_did_not_foresee_is_a_400_not_a_failed_batch(served, coffee, monkeypatch):
+    h, context, cache = served
+
+    def broken(*args, **kwargs):
+        raise KeyError("something no test imagined")
+
+    monkeypatch.setattr(requests_module, "_parse_into", broken)
+    ctx = context([{}])
+    out = h.handle([{"body": bytearray(coffee)}], ctx)
+    assert ctx.status == {0: 400} and json.loads(out[0])["type"] == "unreadable_request"
 
 
 def test_engine_reported_splits_are_counted_through_the_documented_hook(served, coffee, monkeypatch):

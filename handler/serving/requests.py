@@ -26,12 +26,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ..errors import ExplainError, InvalidImage, InvalidOption
 
 IMAGE_FIELDS = ("image", "data", "file", "b64", "bytes")
+logger = logging.getLogger(__name__)
 HEADER_PREFIX = "x-explain-"
 
 
@@ -82,7 +84,15 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], *, max_ins
             and "application/json" not in accept
     except ExplainError as err:
         request.error = err
+    except Exception as err:  # noqa: BLE001 - a body this parser did not foresee is still the request's fault
+        request.error = _unreadable(err)
     return request
+
+
+def _unreadable(err: Exception) -> ExplainError:
+    logger.warning("unreadable request: %s: %s", type(err).__name__, err)
+    return BadRequest(f"the request could not be read: {type(err).__name__}: {str(err)[:200]}",
+                      type="unreadable_request")
 
 
 def _parse_into(request: ParsedRequest, row: dict, headers: dict, max_instances: int) -> None:
@@ -251,13 +261,18 @@ def _param_content_type(headers: dict, param: str) -> str:
 
 
 def _json_error(body: bytes) -> str:
+    """Why TorchServe could not decode a JSON body (it forwards the raw bytes when ``json.loads`` fails)."""
     try:
         json.loads(bytes(body).decode("utf-8"))
     except UnicodeDecodeError:
         return "the body is not UTF-8 text"
     except json.JSONDecodeError as err:
         return str(err)
-    return "unreadable"
+    except RecursionError:
+        return "nested too deeply"
+    except ValueError as err:  # e.g. an integer literal of thousands of digits
+        return str(err).split(";")[0]
+    return "not readable as JSON"
 
 
 # ---------------------------------------------------------------------------
@@ -317,6 +332,8 @@ def parse_envelope(kind: str, rows: list, headers: Mapping[str, Any], *, max_ins
             _parse_v2(request, {"inputs": rows}, from_headers, max_instances)
     except ExplainError as err:
         request.error = err
+    except Exception as err:  # noqa: BLE001 - as in parse_request
+        request.error = _unreadable(err)
     return request
 
 
