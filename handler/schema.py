@@ -62,6 +62,9 @@ class Limits:
     default_colormap: str = "inferno"
     max_overlay_pixels: int = 12_000_000  # larger photos get an overlay scaled down to this many pixels
     method_caps: dict = field(default_factory=dict)  # e.g. {"steps": 64}: maxima of numeric method options
+    #: Forward + backward passes one request may cost, summed over its images (None: no limit). With
+    #: ``method_caps`` alone, 16 KServe instances at 128 integrated-gradient steps would buy 2,000 passes.
+    max_passes_per_request: Optional[int] = None
 
     @classmethod
     def from_config(cls, config: Optional[Mapping[str, Any]]) -> "Limits":

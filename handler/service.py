@@ -30,6 +30,11 @@ def request_of(options: RequestOptions) -> ExplainRequest:
                           reduce=options.reduce, selection=options.selection, options=options.method_options)
 
 
+#: Method and selection options that each cost one pass per unit (integrated-gradient steps, SmoothGrad
+#: samples, pruning-gate iterations, input-resampling copies), on top of the two of a pathway gradient.
+PASS_OPTIONS = ("steps", "samples", "iterations", "copies")
+
+
 class ServiceObserver:
     """What the service reports about its work, for a front end's metrics; this default ignores it.
 
@@ -147,6 +152,28 @@ class ExplanationService:
             results[i] = self._render(images[i], options[i], explanation, attribution_dtype)
         self.observer.stage("render", "explain", time.perf_counter() - rendering, len(valid))
         return results
+
+    def explanation_passes(self, options: RequestOptions) -> int:
+        """About how many forward + backward passes explaining one image with these options costs."""
+        request = self.explainer.validate(request_of(options))
+        specs = self.explainer.option_specs(request.method, request.selection)
+        given = dict(request.options)
+        return 2 + sum(int(given.get(name, specs[name].default)) for name in PASS_OPTIONS if name in specs)
+
+    def check_request_cost(self, options: Sequence[RequestOptions]) -> None:
+        """Refuse one request (all its images) whose explanation passes exceed ``max_passes_per_request``.
+
+        Bounds the work a batch can hold a worker for (TorchServe kills a worker past ``responseTimeout``).
+        """
+        limit = self.limits.max_passes_per_request
+        if limit is None:
+            return
+        passes = sum(self.explanation_passes(o) for o in options)
+        if passes > limit:
+            raise InvalidOption(
+                f"this request costs about {passes} forward/backward passes ({len(options)} image(s)); this "
+                f"server allows {limit} per request: send fewer images per request, or fewer steps, samples, "
+                "iterations or copies", type="over_limit")
 
     def _check_caps(self, request: ExplainRequest) -> None:
         for name, value in request.options:

@@ -209,6 +209,36 @@ def test_a_request_the_parser_did_not_foresee_is_a_400_not_a_failed_batch(served
     assert ctx.status == {0: 400} and json.loads(out[0])["type"] == "unreadable_request"
 
 
+def test_a_request_over_the_pass_budget_is_refused_before_any_work_and_its_neighbours_served(served, coffee):
+    """5 images x 128 integrated-gradient steps is ~650 passes, over the archive's 512 per request: without
+    the budget a batch of such requests would outlast responseTimeout and TorchServe would kill the worker."""
+    h, context, cache = served
+    expensive = {"instances": [{"image": {"b64": base64.b64encode(coffee).decode()}}] * 5,
+                 "parameters": {"method": "integrated_gradients", "steps": 128}}
+    ctx = context([{"content-type": "application/json", "explain": "True"},
+                   explain_headers(Method="integrated_gradients", Steps=8)])
+    out = h.handle([{"body": expensive}, {"body": bytearray(coffee)}], ctx)
+    assert ctx.status == {0: 400}
+    error = json.loads(out[0])
+    assert error["type"] == "over_limit" and "650 forward/backward passes" in error["message"], error
+    assert json.loads(out[1])["explanation"]["method"] == "integrated_gradients"
+
+
+def test_explanation_passes_count_what_each_method_and_selection_runs(served):
+    h, _, _ = served
+    from handler.schema import parse_options
+
+    def passes(**options):
+        return h.service.explanation_passes(parse_options(options, h.service.limits))
+
+    assert passes() == 2 and passes(method="gradient") == 2
+    assert passes(method="integrated_gradients", steps=20) == 22
+    assert passes(method="integrated_gradients") == 2 + 50  # the registered default counts too
+    assert passes(method="smoothgrad", samples=10) == 12
+    assert passes(selection="pruning_gates", iterations=30) == 32
+    assert passes(selection="resampling_correlation", copies=16) == 18
+
+
 def test_engine_reported_splits_are_counted_through_the_documented_hook(served, coffee, monkeypatch):
     """The engine's automatic OOM splitting (another branch) reports through Explainer.on_batch_split."""
     h, context, cache = served

@@ -46,6 +46,9 @@ DEFAULT_PATHWAY_CONFIG = {
         "max_image_pixels": 40_000_000,
         "default_outputs": ["heatmap", "pathway"],
         "method_caps": {"steps": 128, "samples": 64, "iterations": 300, "copies": 64},
+        # 512 passes of EfficientNet-Lite0 take ~20 s on 2 CPU cores: a batch of 4 such requests stays
+        # under responseTimeout (120 s). Raise both together for bigger machines, lower them for bigger models.
+        "max_passes_per_request": 512,
     },
 }
 REQUIREMENTS = ["torch", "torchvision", "timm", "numpy", "pillow"]

@@ -139,7 +139,7 @@ class PathwayHandler:
         return out
 
     def _prepare(self, request: ParsedRequest) -> dict:
-        """Decode images and parse options; a failure marks the whole request."""
+        """Parse options, check the request's cost, decode images; a failure marks the whole request."""
         plan = {"request": request, "error": request.error, "images": [], "options": [], "results": []}
         if plan["error"] is not None:
             return plan
@@ -149,7 +149,9 @@ class PathwayHandler:
                 if request.wants_png and "overlay" not in options.outputs:
                     options = _with_outputs(options, options.outputs + ("overlay",))
                 plan["options"].append(options)
-                plan["images"].append(self.service.decode(instance.image))
+            if request.explain:
+                self.service.check_request_cost(plan["options"])
+            plan["images"] = [self.service.decode(instance.image) for instance in request.instances]
         except ExplainError as err:
             plan["error"] = err
         except MemoryError:
