@@ -171,7 +171,7 @@ def method_with_cost_options():
     METHODS._entries.pop(name)
 
 
-@pytest.mark.parametrize("option, cap", [("steps", 128), ("samples", 64), ("iterations", 300)])
+@pytest.mark.parametrize("option, cap", [("steps", 128), ("samples", 64), ("iterations", 120)])
 def test_method_cost_options_above_the_archive_caps_are_refused(lite0_service, method_with_cost_options, option, cap):
     from dataclasses import replace
 
