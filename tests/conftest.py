@@ -23,6 +23,16 @@ def photos():
     return {name: sample_photo(name) for name in SAMPLE_PHOTOS}
 
 
+@pytest.fixture(scope="session")
+def coffee(photos) -> bytes:
+    return photos["coffee"].read_bytes()
+
+
+@pytest.fixture(scope="session")
+def chelsea(photos) -> bytes:
+    return photos["chelsea"].read_bytes()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

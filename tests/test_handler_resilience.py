@@ -104,11 +104,6 @@ def served(initialized, staged):
     return initialized, context, cache
 
 
-@pytest.fixture(scope="module")
-def coffee(photos):
-    return photos["coffee"].read_bytes()
-
-
 def explain_headers(**options):
     return {"explain": "True", **{f"X-Explain-{k}": str(v) for k, v in options.items()}}
 

@@ -4,7 +4,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedImage

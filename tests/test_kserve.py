@@ -116,16 +116,6 @@ def v2_server(server_archive, tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def coffee(photos):
-    return photos["coffee"].read_bytes()
-
-
-@pytest.fixture(scope="module")
-def chelsea(photos):
-    return photos["chelsea"].read_bytes()
-
-
 pytestmark = pytest.mark.server
 
 

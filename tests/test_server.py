@@ -26,16 +26,6 @@ def attribution_of(document: dict) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def coffee(photos):
-    return photos["coffee"].read_bytes()
-
-
-@pytest.fixture(scope="module")
-def chelsea(photos):
-    return photos["chelsea"].read_bytes()
-
-
-@pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory, photos):
     """The CLI's documents and attributions for the same photos and options."""
     out = tmp_path_factory.mktemp("cli")
