@@ -166,11 +166,13 @@ class PathwayHandler:
                 continue
             try:
                 self._run_group(members, explain)
-            except Exception as err:  # an unexpected engine failure: find out which request causes it
+            except Exception as err:  # an engine failure, or a request error found only while running
+                request_error = isinstance(err, ExplainError)
                 oom = is_out_of_memory(err)
-                release_memory()
+                if not request_error:
+                    release_memory()
                 if len(members) == 1:
-                    if not isinstance(err, ExplainError):
+                    if not request_error:
                         logger.exception("a %s request failed", "explain" if explain else "predict")
                     members[0]["error"] = _failure(err)
                     continue
@@ -178,7 +180,7 @@ class PathwayHandler:
                     self.service.observer.batch_split(BatchSplit(
                         size=sum(len(p["images"]) for p in members), parts=tuple(len(p["images"]) for p in members),
                         source="handler"))
-                log = logger.warning if isinstance(err, ExplainError) else logger.exception  # a request's own error
+                log = logger.warning if request_error else logger.exception
                 log("batch of %d %s requests failed%s; retrying them one by one: %s", len(members),
                     "explain" if explain else "predict", " (out of memory)" if oom else "", err)
                 for plan in members:
