@@ -184,6 +184,7 @@ def renew_key(management: str, keys: dict, kind: str = "inference", timeout: flo
 def healthcheck(config: Path, run_dir: Path, timeout: float = 5) -> int:
     """0 when TorchServe answers ``/ping`` Healthy; 1 (and why, on stdout) otherwise."""
     props = read_properties(config) if config.is_file() else {}
+    access = AccessLogTail(run_dir / "logs" / "access_log.log")
     address = loopback(effective(props, "inference_address", "http://127.0.0.1:8080"))
     token = None
     if effective(props, "disable_token_authorization", "false").lower() != "true":
@@ -221,26 +222,128 @@ def serving_config(config: Path, props: dict, run_dir: Path, archives: Sequence[
     return copy
 
 
-def curl_examples(address: str, model: str, keys: Optional[dict], photo: str) -> str:
-    auth = f" -H 'Authorization: Bearer {keys['inference']['key']}'" if keys and "inference" in keys else ""
-    lines = [
-        f"Predictions:   curl{auth} -T {photo} {address}/predictions/{model}",
-        f"Explanations:  curl{auth} -T {photo} {address}/explanations/{model}",
-        f"Overlay PNG:   curl{auth} -H 'Accept: image/png' -T {photo} {address}/explanations/{model} -o overlay.png",
-    ]
-    if keys and "API" in keys:
-        lines.append(f"(tokens expire; management key {keys['management']['key']}, API key {keys['API']['key']}"
-                     " - see README 'Tokens')")
+def describe_model(management: str, name: str, token: Optional[str], timeout: float = 5) -> Optional[dict]:
+    """The management API's description of ``name`` (its first version), or None when it does not answer."""
+    request = urllib.request.Request(f"{management}/models/{name}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            data = json.loads(reply.read().decode())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return data[0] if isinstance(data, list) and data else None
+
+
+def model_loaded(description: Optional[dict]) -> bool:
+    """Whether a worker has loaded the model: TorchServe lists a worker as READY only once its handler's
+    ``initialize`` returned (before that ``/ping`` already answers Healthy)."""
+    return bool(description) and any(w.get("status") == "READY" for w in description.get("workers", []))
+
+
+def wait_loaded(management: str, names: Sequence[str], proc: subprocess.Popen, keys: Optional[dict],
+                timeout: float, cancelled=lambda: False) -> dict:
+    """Poll the management API until every model has a READY worker; their descriptions by name."""
+    token = keys["management"]["key"] if keys and "management" in keys else None
+    deadline = time.monotonic() + timeout
+    loaded: dict = {}
+    while time.monotonic() < deadline and not cancelled():
+        if proc.poll() is not None:
+            raise LaunchError(f"TorchServe exited with status {proc.returncode} while loading the models")
+        for name in names:
+            if name not in loaded:
+                description = describe_model(management, name, token)
+                if model_loaded(description):
+                    loaded[name] = description
+        if len(loaded) == len(names):
+            return loaded
+        time.sleep(0.5)
+    if cancelled():
+        return loaded
+    missing = ", ".join(n for n in names if n not in loaded)
+    raise LaunchError(f"no worker had loaded {missing} within {timeout:.0f} s (a failing model is retried "
+                      "by TorchServe; its error is in model_log.log)")
+
+
+_HANDLER_READY = re.compile(r"pathway handler ready: model (\S+) on (\S+)")
+
+
+def worker_devices(model_log: Path, wait: float = 5.0) -> dict:
+    """Model name -> device, from the handler's "pathway handler ready" line (written a little after the
+    worker reports READY); empty when the line does not come."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            found = dict(_HANDLER_READY.findall(model_log.read_text(errors="replace")))
+        except OSError:
+            found = {}
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.25)
+
+
+#: The shell command that prints the inference token of a key file (what the banner and the README show).
+TOKEN_COMMAND = "python3 -c \"import json;print(json.load(open('{key_file}'))['inference']['key'])\""
+
+
+def banner(address: str, models: dict, run_dir: Path, key_file: Optional[Path], photo: str) -> str:
+    """What ``pathway-serve`` prints once the models are loaded: where things are and paste-ready commands.
+    The keys themselves are never printed (they would stay in scrollback and in captured logs)."""
+    first = next(iter(models))
+    loaded = ", ".join(f"{name} on {device}" for name, device in models.items())
+    logs = run_dir / "logs"
+    auth = ' -H "Authorization: Bearer $TOKEN"' if key_file is not None else ""
+    lines = [f"pathway-serve: ready on {address}: {loaded}"]
+    if key_file is not None:
+        lines.append(f"  keys: {key_file} (inference, management and API keys; never printed)")
+    lines += [f"  logs: {logs}/ (ts_log.log, model_log.log, access_log.log; TorchServe's console: {CONSOLE_LOG})",
+              "Paste into a shell:"]
+    if key_file is not None:
+        lines.append(f"  TOKEN=$({TOKEN_COMMAND.format(key_file=key_file)})")
+    lines += [f"  PHOTO={photo}",
+              f'  curl{auth} -T "$PHOTO" {address}/predictions/{first}',
+              f'  curl{auth} -T "$PHOTO" {address}/explanations/{first}',
+              f"  curl{auth} -H 'Accept: image/png' -T \"$PHOTO\" {address}/explanations/{first} -o overlay.png",
+              "Ctrl-C stops the server. Requests:"]
     return "\n".join(lines)
 
 
-def sample_photo() -> str:
-    try:
-        from ..samples import sample_photo as find
+#: TorchServe's own stdout/stderr (Java warnings, its start-up report, every log line), under <run-dir>/logs/.
+CONSOLE_LOG = "console.log"
+_ACCESS = re.compile(r'^(\S+?)(?:,\d+)? - \S+ "(\S+) (\S+) [^"]*" (\d{3}) (\d+)')
+_REQUEST_PATHS = ("/predictions/", "/explanations/", "/v1/models/", "/v2/models/")
 
-        return str(find("coffee"))
-    except (RuntimeError, KeyError):
-        return "photo.jpg"
+
+class AccessLogTail:
+    """Turns new lines of TorchServe's ``access_log.log`` into one short console line per inference request
+    (``/ping``, metrics and management calls are left out)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = ""
+
+    def skip(self) -> None:
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.partial = ""
+
+    def lines(self) -> list:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        text = self.partial + data.decode(errors="replace")
+        *complete, self.partial = text.split("\n")
+        out = []
+        for line in complete:
+            match = _ACCESS.match(line.strip())
+            if match and match.group(3).startswith(_REQUEST_PATHS):
+                stamp, method, path, status, ms = match.groups()
+                out.append(f"{stamp[11:19]} {method} {path} -> {status} in {ms} ms")
+        return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -255,7 +358,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--run-dir", type=Path, default=Path(os.environ.get("PATHWAY_RUN_DIR", ROOT / "var")),
                    help="where key_file.json, logs and TorchServe's pid file go (default var/)")
     p.add_argument("--no-build", action="store_true", help="never (re)build the built-in archives")
-    p.add_argument("--startup-timeout", type=float, default=300)
+    p.add_argument("--startup-timeout", type=float, default=300,
+                   help="seconds to wait for TorchServe to answer and every model to be loaded")
+    p.add_argument("--verbose", action="store_true",
+                   help=f"TorchServe's own output on the console (by default it goes to <run-dir>/logs/{CONSOLE_LOG})")
     p.add_argument("--healthcheck", action="store_true",
                    help="do not start anything: exit 0 when the server of this config and run directory is healthy")
     args = p.parse_args(argv)
@@ -295,7 +401,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = server_environment(os.environ, run_dir)
     cmd = [sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
            "--ts-config", str(ts_config), "--model-store", str(store), "--models", *models]
-    proc = subprocess.Popen(cmd, cwd=run_dir, env=env)
+    console = None if args.verbose else open(run_dir / "logs" / CONSOLE_LOG, "ab")
+    # Its own session: Ctrl-C reaches this process only, which stops TorchServe in order (and says so).
+    proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=console, stderr=subprocess.STDOUT if console else None,
+                            start_new_session=True)
 
     def stop() -> None:
         if proc.poll() is None:
@@ -307,36 +416,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if console is not None:
+            console.close()
 
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
 
-    def wait_or_stop() -> Optional[int]:
-        """Wait for TorchServe to exit; on SIGTERM/SIGINT stop it first. Its status, or 0 when we stopped it."""
-        while proc.poll() is None:
-            if stopping:
-                stop()
-                return 0
-            time.sleep(0.2)
-        return proc.returncode
+    def stopped() -> int:
+        stop()
+        for line in access.lines():  # requests answered just before the signal
+            print(line, flush=True)
+        print(f"pathway-serve: stopped (TorchServe shut down; logs in {run_dir / 'logs'})", flush=True)
+        return 0
 
-    address = effective(props, "inference_address", "http://127.0.0.1:8080").rstrip("/")
+    access = AccessLogTail(run_dir / "logs" / "access_log.log")
+    address = loopback(effective(props, "inference_address", "http://127.0.0.1:8080"))
+    management = loopback(effective(props, "management_address", "http://127.0.0.1:8081"))
     token_off = effective(props, "disable_token_authorization", "false").lower() == "true"
+    names = [m.split("=")[0] for m in models]
+    started = time.monotonic()
     try:
         keys = wait_ready(address, proc, None if token_off else key_file, args.startup_timeout,
                           lambda: bool(stopping))
+        if not stopping:
+            loaded = wait_loaded(management, names, proc, keys,
+                                 max(1.0, args.startup_timeout - (time.monotonic() - started)), lambda: bool(stopping))
     except LaunchError as err:
         print(f"pathway-serve: error: {err} (logs: {run_dir / 'logs'})", file=sys.stderr)
         stop()
         return 4
     if stopping:
-        stop()
-        return 0
-    names = [m.split("=")[0] for m in models]
-    print(f"\npathway-serve: ready on {address} with {', '.join(names)} (keys: {key_file}; logs: "
-          f"{run_dir / 'logs'})\n{curl_examples(address, names[0], keys, sample_photo())}\n", flush=True)
-    return wait_or_stop()
+        return stopped()
+    devices = worker_devices(run_dir / "logs" / "model_log.log")
+    gpu = {name: any(w.get("gpu") for w in loaded[name].get("workers", [])) for name in names}
+    shown = {name: devices.get(name) or ("a GPU" if gpu[name] else "cpu") for name in names}
+    access.skip()  # the start-up pings
+    print(banner(address, shown, run_dir, None if token_off else key_file, sample_photo()), flush=True)
+    while proc.poll() is None:
+        if stopping:
+            return stopped()
+        for line in access.lines():
+            print(line, flush=True)
+        time.sleep(0.2)
+    print(f"pathway-serve: TorchServe exited with status {proc.returncode}; see {run_dir / 'logs' / CONSOLE_LOG}",
+          file=sys.stderr)
+    return proc.returncode
+
+
+def sample_photo() -> str:
+    try:
+        from ..samples import sample_photo as find
+
+        return str(find("coffee"))
+    except (RuntimeError, KeyError):
+        return "photo.jpg"
 
 
 def run() -> None:
