@@ -2,14 +2,23 @@
 
 Exit status: 0 when every image was explained, 1 when some could not be (each
 is named on stderr, the others are still written), 2 for a usage error (bad
-option, unknown model) before any work.
+option, unknown model, weights or class names that do not fit the architecture)
+before any work, 3 for an unexpected internal error. Every failure is one line
+on stderr (``PATHWAY_DEBUG=1`` adds the traceback of an internal error).
+
+Each image's outputs are ``STEM.json``, ``STEM.heatmap.png``, ``STEM.overlay.png``
+and, with ``--save-attribution``, ``STEM.attribution.npy``. A run first removes
+these files of every stem it is given, so ``--out`` never holds a file from an
+earlier run beside the new ones (an image that fails leaves none).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,15 +30,22 @@ from .engine.pathways import SELECTIONS
 from .engine.reduce import REDUCTIONS
 from .errors import ExplainError
 from .imaging import COLORMAPS, POLARITIES
-from .models import ModelLoadError, builtin_names, get_spec, spec_for_architecture
+from .models import ModelLoadError, builtin_names, get_spec, label_aliases, load_labels, spec_for_architecture
 from .schema import Limits, attach_paths, parse_options
 from .service import ExplanationService, request_of
 
 PROG = "pathway-explain"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) instead of the usage text and the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=PROG,
         description="Explain an image classifier's predictions with critical pathways and pathway gradient "
                     "(Khakzar et al., CVPR 2021). Writes STEM.json, STEM.heatmap.png and STEM.overlay.png "
@@ -63,7 +79,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a method or selection option, e.g. --option signed=true (repeatable; see --list)")
     ex.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
     p.add_argument("--list", action="store_true", help="list models, methods, selections and reductions, and exit")
+    p.add_argument("--list-labels", nargs="?", const="", default=None, metavar="MODEL",
+                   help="print the class index and name of every class of MODEL (default: the --model or "
+                        "--arch/--labels model, else efficientnet_lite0), one per line, and exit")
     return p
+
+
+#: The files a run writes per image stem (``attribution`` only with --save-attribution).
+OUTPUT_SUFFIXES = {"document": "json", "heatmap": "heatmap.png", "overlay": "overlay.png",
+                   "attribution": "attribution.npy"}
+
+
+def remove_stale_outputs(out: Path, stem: str) -> None:
+    """Delete what an earlier run wrote for ``stem``, so a new run's files never sit beside older ones."""
+    for suffix in OUTPUT_SUFFIXES.values():
+        (out / f"{stem}.{suffix}").unlink(missing_ok=True)
+
+
+def list_labels(spec) -> int:
+    """``index<TAB>name`` per class; names that stand for several classes (see models.IMAGENET_RENAMED) after."""
+    labels = load_labels(spec)
+    if not labels:
+        print(f"{PROG}: error: model {spec.name!r} has no class names; targets are class indices", file=sys.stderr)
+        return 2
+    for index, name in enumerate(labels):
+        print(f"{index}\t{name}")
+    for name, indices in label_aliases(spec).items():
+        print(f"# {name!r} alone names classes {', '.join(map(str, indices))}: give the index or the full label")
+    return 0
 
 
 class UsageError(Exception):
@@ -123,12 +166,24 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         print("reductions: " + ", ".join(REDUCTIONS.names()))
         print("colormaps:  " + ", ".join(COLORMAPS))
         return 0
+    if args.list_labels is not None:
+        try:
+            if args.list_labels:
+                if args.model or args.arch:
+                    raise UsageError("give the model either after --list-labels or with --model/--arch")
+                args.model = args.list_labels
+            return list_labels(_spec(args))
+        except (ExplainError, ModelLoadError, UsageError) as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
     if not args.images:
         parser.error("no images given")
     if args.out is None:
         parser.error("--out DIR is required")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
 
     outputs = ["heatmap", "overlay", "pathway"] + (["attribution"] if args.save_attribution else [])
     raw = {"method": args.method, "target": args.target, "sparsity": args.sparsity, "reduce": args.reduce,
@@ -173,7 +228,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{PROG}: error: {path}: {err}", file=sys.stderr)
             failures += 1
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            remove_stale_outputs(args.out, stem)
+    except OSError as err:
+        print(f"{PROG}: error: cannot write to {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 1
     for start in range(0, len(decoded), args.batch_size):
         chunk = decoded[start:start + args.batch_size]
         results = service.explain([image for _, _, image in chunk], [options] * len(chunk),
@@ -183,14 +244,17 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{PROG}: error: {path}: {result}", file=sys.stderr)
                 failures += 1
                 continue
-            written = {}
-            for name, data in result.artifacts.items():
-                suffix = "attribution.npy" if name == "attribution" else f"{name}.png"
-                (args.out / f"{stem}.{suffix}").write_bytes(data)
-                written[name] = f"{stem}.{suffix}"
+            written = {name: f"{stem}.{OUTPUT_SUFFIXES[name]}" for name in result.artifacts}
             document = attach_paths(result.document, written)
             document["source"] = str(path)
-            (args.out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+            try:
+                for name, data in result.artifacts.items():
+                    (args.out / written[name]).write_bytes(data)
+                (args.out / f"{stem}.{OUTPUT_SUFFIXES['document']}").write_text(json.dumps(document, indent=2) + "\n")
+            except OSError as err:
+                print(f"{PROG}: error: {path}: cannot write its outputs: {err.strerror or err}", file=sys.stderr)
+                failures += 1
+                continue
             top = document["predictions"][0]
             target = document["explanation"]["target"]
             print(f"{path}: predicted {top['label']} ({top['probability']:.3f}); explained "
@@ -203,6 +267,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         code = run(argv)
     except KeyboardInterrupt:
         code = 130
+    except Exception as err:  # a bug, not bad input: still one line, unless asked for the traceback
+        if os.environ.get("PATHWAY_DEBUG") == "1":
+            traceback.print_exc()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"{PROG}: internal error: {type(err).__name__}: {first} (PATHWAY_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        code = 3
     sys.exit(code)
 
 

@@ -77,6 +77,7 @@ class ExplanationService:
         self.explainer = Explainer(
             loaded.module,
             labels=loaded.labels,
+            label_aliases=loaded.label_aliases,
             device=device,
             default_method=defaults.get("method", "pathway_gradient"),
             default_sparsity=defaults.get("sparsity", 0.7),

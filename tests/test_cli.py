@@ -117,3 +117,76 @@ def test_overlay_of_a_huge_photo_is_scaled_to_the_limit(photos):
     overlay = Image.open(io.BytesIO(result.artifacts["overlay"]))
     assert overlay.size == (300, 200)
     assert result.document["explanation"]["overlay_size"] == [300, 200]
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory):
+    import torch
+    import torchvision
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), folder / "resnet18.pt")
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), folder / "resnet34.pt")
+    (folder / "ten.txt").write_text("\n".join(f"class {i}" for i in range(10)) + "\n")
+    return folder
+
+
+def test_state_dict_of_another_architecture_is_one_line_and_exit_2(tmp_path, photos, resnet18_weights):
+    exe = Path(sys.executable).with_name("pathway-explain")
+    proc = subprocess.run([str(exe), "--arch", "resnet18", "--weights", str(resnet18_weights / "resnet34.pt"),
+                           "--out", str(tmp_path), str(photos["coffee"])], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("pathway-explain: error: weights do not match")
+    assert not list(tmp_path.iterdir())  # before any work
+
+
+def test_class_names_that_do_not_fit_the_head_name_both_counts(tmp_path, photos, resnet18_weights, capsys):
+    code = run(["--arch", "resnet18", "--weights", str(resnet18_weights / "resnet18.pt"), "--labels",
+                str(resnet18_weights / "ten.txt"), "--out", str(tmp_path), str(photos["coffee"])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "the class names list 10 classes but the weights' classifier fc.weight has 1000 outputs" in err
+
+
+def test_usage_errors_are_one_line(tmp_path, photos, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(["--no-such-flag", str(photos["coffee"])])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "pathway-explain: error: unrecognized arguments: --no-such-flag (see --help)\n"
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(SystemExit):
+        run(["--out", str(not_a_dir), str(photos["coffee"])])
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_renamed_imagenet_label_alone_is_refused_naming_both_classes(tmp_path, photos, capsys):
+    assert run(["--out", str(tmp_path), "--target", "crane", str(photos["coffee"])]) == 2
+    err = capsys.readouterr().err
+    assert "134 'crane bird'" in err and "517 'crane'" in err and err.count("\n") == 1
+    assert run(["--out", str(tmp_path), "--target", "crane bird", "--method", "gradient", str(photos["coffee"])]) == 0
+    assert json.loads((tmp_path / "coffee.json").read_text())["explanation"]["target"]["index"] == 134
+
+
+def test_list_labels_prints_every_class_and_the_shared_names(capsys):
+    assert run(["--list-labels"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    classes = [line.split("\t") for line in lines if not line.startswith("#")]
+    assert len(classes) == 1000 and classes[281] == ["281", "tabby"] and classes[134] == ["134", "crane bird"]
+    assert any("'crane'" in line and "134, 517" in line for line in lines if line.startswith("#"))
+    assert run(["--list-labels", "synthetic_digits_cnn"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 10
+
+
+def test_rerun_into_the_same_out_leaves_no_file_of_the_earlier_run(tmp_path, photos, capsys):
+    out = tmp_path / "out"
+    coffee = str(photos["coffee"])
+    assert run(["--out", str(out), "--method", "gradient", "--save-attribution", coffee]) == 0
+    assert (out / "coffee.attribution.npy").exists()
+    assert run(["--out", str(out), "--method", "gradient", coffee]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["coffee.heatmap.png", "coffee.json", "coffee.overlay.png"]
+    # an image that now fails leaves nothing of its earlier run either
+    broken = tmp_path / "coffee.png"
+    broken.write_text("not a picture any more")
+    assert run(["--out", str(out), "--method", "gradient", str(broken)]) == 1
+    assert list(out.iterdir()) == []

@@ -102,6 +102,7 @@ class Explainer:
         model: nn.Module,
         *,
         labels: Optional[Sequence[str]] = None,
+        label_aliases: Optional[dict] = None,
         device: Union[str, torch.device, None] = None,
         default_method: str = "pathway_gradient",
         default_sparsity: float = 0.7,
@@ -118,7 +119,7 @@ class Explainer:
         self.planner = BatchPlanner(MemoryBudget.parse(memory_budget, max_batch_size), self.device)
         self._neurons: dict = {}  # input shape (no batch) -> neurons per sample
         self.labels = list(labels) if labels is not None else None
-        self._label_index = _label_index(self.labels) if self.labels else {}
+        self._label_index = _label_index(self.labels, label_aliases or {}) if self.labels else {}
         self.normalisation = normalisation if normalisation is not None else InputNormalisation()
         self.defaults = ExplainRequest(
             target=None, method=default_method, sparsity=default_sparsity,
@@ -154,9 +155,9 @@ class Explainer:
                     "" if self.labels else " (this model has no class names; give a class index)"),
                     type="unknown_label")
             if len(hits) > 1:
-                raise InvalidTarget(
-                    f"class label {text!r} names several classes ({', '.join(map(str, hits))}); give the index",
-                    type="ambiguous_label")
+                named = ", ".join(f"{i} {self.labels[i]!r}" for i in hits)
+                raise InvalidTarget(f"class label {text!r} names several classes ({named}); give the index or the "
+                                    "full label", type="ambiguous_label")
             return hits[0]
         if isinstance(target, float) and target.is_integer():
             target = int(target)
@@ -393,10 +394,16 @@ def _per_sample(value, batch: int, what: str) -> list:
     return [value] * batch
 
 
-def _label_index(labels: Sequence[str]) -> dict:
+def _label_index(labels: Sequence[str], aliases: dict) -> dict:
+    """Lower-case name -> class indices; ``aliases`` adds names that stand for several classes (a class
+    renamed to tell it from another keeps matching its original name, which then names both)."""
     index: dict = {}
     for i, name in enumerate(labels):
         index.setdefault(name.lower(), []).append(i)
+    for name, indices in aliases.items():
+        hits = index.setdefault(name.lower(), [])
+        hits.extend(i for i in indices if i not in hits and 0 <= i < len(labels))
+        hits.sort()
     return index
 
 

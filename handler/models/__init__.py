@@ -181,9 +181,21 @@ def spec_for_architecture(
 
 
 def imagenet_labels() -> list:
+    """torchvision's ImageNet class names (each synset's first name, made unique: see :data:`IMAGENET_RENAMED`)."""
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+#: ImageNet names that two classes share; torchvision renamed one of each pair to tell them apart
+#: (134 "crane" -> "crane bird", 639 "maillot" -> "maillot tank suit"). The shared name stays a label of
+#: the other class, so on its own it is ambiguous: a target "crane" is refused with both matches named.
+IMAGENET_RENAMED = {"crane": (134, 517), "maillot": (638, 639)}
+
+
+def label_aliases(spec: "ModelSpec") -> dict:
+    """Names that stand for more than one of the model's classes (lower case -> class indices)."""
+    return {name: list(indices) for name, indices in IMAGENET_RENAMED.items()} if spec.labels == "imagenet" else {}
 
 
 def load_labels(spec: ModelSpec) -> Optional[list]:
@@ -278,7 +290,10 @@ def read_state_dict(path: Path) -> dict:
     return state
 
 
-def apply_state_dict(model: nn.Module, state: dict, match: str) -> None:
+def apply_state_dict(model: nn.Module, state: dict, match: str, labels: Optional[list] = None) -> None:
+    """Load ``state`` into ``model``; a state dict that does not fit raises :class:`ModelLoadError` with a
+    one-line message (``load_state_dict``'s own error is a multi-line ``RuntimeError``). With ``labels``
+    (the class names the head was sized for), a head that does not fit says so in those terms."""
     own = model.state_dict()
     if match == "order":
         if len(own) != len(state):
@@ -290,6 +305,17 @@ def apply_state_dict(model: nn.Module, state: dict, match: str) -> None:
                                      f"{key} {tuple(target.shape)}")
             mapped[key] = value
         state = mapped
+    wrong = [(key, tuple(state[key].shape), tuple(own[key].shape)) for key in state
+             if key in own and state[key].shape != own[key].shape]
+    if wrong:
+        if labels is not None:
+            for key, theirs, ours in wrong:
+                if ours and ours[0] == len(labels) and theirs and theirs[0] != len(labels):
+                    raise ModelLoadError(f"the class names list {len(labels)} classes but the weights' classifier "
+                                         f"{key} has {theirs[0]} outputs: give {theirs[0]} class names")
+        key, theirs, ours = wrong[0]
+        raise ModelLoadError(f"weights do not fit the architecture: {len(wrong)} tensor(s) differ in shape "
+                             f"(e.g. {key}: {theirs} in the weights, {ours} in the architecture)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelLoadError(
@@ -303,6 +329,7 @@ class LoadedModel:
     spec: ModelSpec
     module: nn.Module
     labels: Optional[list]
+    label_aliases: dict = field(default_factory=dict)  # see label_aliases()
 
 
 def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu") -> LoadedModel:
@@ -320,6 +347,7 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
         raise ModelLoadError(f"cannot build {spec.architecture!r}: {err}") from None
     path = weights_path(spec)
     if path is not None:
-        apply_state_dict(model, read_state_dict(path), spec.weights.match)
+        apply_state_dict(model, read_state_dict(path), spec.weights.match,
+                         labels if spec.num_classes is None else None)
     model.eval().requires_grad_(False).to(device)
-    return LoadedModel(spec, model, labels)
+    return LoadedModel(spec, model, labels, label_aliases(spec))
