@@ -30,5 +30,23 @@ def sample_photos() -> list:
     return [sample_photo(name) for name in SAMPLE_PHOTOS]
 
 
+def main(argv=None) -> int:
+    """``python -m handler.samples [NAME ...]``: the paths of the named sample photos (all without names),
+    space-separated on one line, for ``PHOTO=$(...)`` and ``$(...)`` in a shell."""
+    import sys
+
+    names = list(sys.argv[1:] if argv is None else argv)
+    unknown = [n for n in names if n not in SAMPLE_PHOTOS]
+    if unknown:
+        print(f"unknown sample photo {unknown[0]!r}; the samples are {', '.join(SAMPLE_PHOTOS)}", file=sys.stderr)
+        return 2
+    try:
+        print(" ".join(str(sample_photo(n)) for n in names or SAMPLE_PHOTOS))
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    print(" ".join(str(p) for p in sample_photos()))
+    raise SystemExit(main())

@@ -51,7 +51,7 @@ def test_chelsea_is_a_cat(lite0_service, photos):
 
 
 def reference_pathway_gradient(model: nn.Module, x: torch.Tensor, target: int, sparsity: float):
-    """METHOD.md §1–2 written independently: module forward hooks, sort-based quantile, max-|·| reduction."""
+    """The method of docs/methods.md written independently: module forward hooks, sort-based quantile, max-|·| reduction."""
     acts = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: acts.append(out)) for m in model.modules()
              if isinstance(m, nn.ReLU6)]

@@ -173,7 +173,7 @@ def test_random_gate_initialisation_keeps_dead_neurons_contribution_does_not(res
 
 
 def reference_resampling_scores(model, x, copies, noise, seed, min_activation):
-    """METHOD.md §4 computed directly from every copy's stored activations (no streaming sums)."""
+    """Lengerich et al.'s resampling (docs/methods.md) computed directly from every copy's stored activations (no streaming sums)."""
     generator = torch.Generator().manual_seed(seed)
     epsilon = torch.randn(x.shape[1:], generator=generator, dtype=x.dtype) * noise
     batch_copies = torch.stack([x[0] * (1 + k * epsilon) for k in range(copies)])

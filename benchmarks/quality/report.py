@@ -455,7 +455,7 @@ def write_report(records: dict, commands: dict, seconds: dict, started: str) -> 
         "gradient-based method hits on at least 98 % of the images), so energy inside the box is the measure "
         "that separates methods there. The committed `results/synthetic.json` leaves out the per-image "
         "LeRF/MoRF curves (500 images); `out/quality/synthetic/results.json` has them.\n"
-        "- Pruning gates follow METHOD.md §3 (loss: cross-entropy to the original softmax + 0.01 Σ|g| over all "
+        "- Pruning gates follow the pruning objective of docs/methods.md (loss: cross-entropy to the original softmax + 0.01 Σ|g| over all "
         "neurons, SGD lr 0.01, momentum 0.9). From a random initialisation, 100 steps leave the gates close to "
         "their random start (the pathway overlaps the contribution pathway exactly as much as a random set "
         "does); after 1000 steps the L1 term has driven almost every gate to 0, so the realised sparsity is far "

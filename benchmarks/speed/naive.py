@@ -1,4 +1,4 @@
-"""A naive, per-image implementation of METHOD.md §1–2, written only to compare speeds with the engine.
+"""A naive, per-image implementation of the method of docs/methods.md, written only to compare speeds with the engine.
 
 What a first implementation (and the authors' code) looks like: one image at a
 time, module forward hooks that capture every activation module's output

@@ -5,7 +5,7 @@ Per model and batch, interleaved round by round so that machine noise hits every
 - ``vanilla``   the engine's gradient: one forward and one backward to the input (the unit of every ratio);
 - ``pathway``   the engine's pathway gradient (selection + pathway pass), as ``METHODS["pathway_gradient"]``;
 - ``explainer`` the same through ``Explainer.explain``: plus per-site summaries, reduction, packaging;
-- ``naive``     METHOD.md §1–2 written the obvious way, one image at a time (``naive.py``);
+- ``naive``     the method of docs/methods.md written the obvious way, one image at a time (``naive.py``);
 - ``ig15``, ``ig50`` Captum integrated gradients with 15 steps (stock TorchServe's explainer) and 50.
 
 and, for the pathway, its phases (scoring pass, threshold, pathway pass) timed alone. Peak memory per method:

@@ -1,4 +1,4 @@
-"""Input-level attribution methods the pathway gradient is measured against (METHOD.md §3).
+"""Input-level attribution methods the pathway gradient is measured against (docs/methods.md).
 
 Each is registered like :func:`~handler.engine.methods.pathway_gradient`: batched
 (one target per sample, ``-1`` = the predicted class), on whatever device ``x``
