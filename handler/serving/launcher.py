@@ -1,10 +1,20 @@
-"""``pathway-serve``: check the prerequisites, build the archive, run TorchServe in the foreground, print a curl.
+"""``pathway-serve``: check the prerequisites, build the archive, run TorchServe in the foreground.
 
 The same entry point is what ``make run`` calls, what the Docker image runs and
 what the tests start, so the path a user takes is the path that is tested.
 TorchServe's own files (``key_file.json``, logs, its pid file) go to a run
 directory so several servers can live side by side. SIGTERM/SIGINT stop
-TorchServe (the Java frontend and its workers) before this process exits.
+TorchServe (the Java frontend and its workers) before this process exits, which
+then prints one "stopped" line.
+
+The console is for a person: TorchServe's own output (a Java warning, the GPU
+probe, its start-up report, ~18 lines per request) goes to
+``<run-dir>/logs/console.log`` unless ``--verbose``. What is printed is a banner
+once every model is *loaded* (TorchServe answers ``/ping`` seconds before a
+worker has loaded the model, so the management API is polled for a READY
+worker), with paste-ready commands, then one line per inference request, read
+from TorchServe's access log. The keys are never printed, not even the
+inference key: scrollback and captured container logs outlive a token.
 
 Unless the configuration names its own ``metrics_config``, TorchServe is started
 with a copy of the configuration that points it at ``<run-dir>/metrics.yaml``:
