@@ -12,7 +12,7 @@ setup:
 run: serve
 
 serve: setup
-	$(VENV)/bin/pathway-serve
+	@$(VENV)/bin/pathway-serve
 
 ## Model archive of the default model (pathway-archive --help for your own classifier)
 model-store: setup
