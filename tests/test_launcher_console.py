@@ -46,7 +46,8 @@ def console(tmp_path_factory, coffee):
 
 def test_banner_comes_once_the_model_is_loaded_and_names_model_device_address_keys_and_logs(console):
     first, *rest = console["banner"].splitlines()
-    # the device comes from the handler's own "ready" line, which it writes after loading the model
+    # "cpu"/"cuda:N" come only from the handler's own "ready" line, written once it has loaded the model
+    # (without that line the banner would say "the CPU")
     assert re.fullmatch(rf"pathway-serve: ready on http://127\.0\.0\.1:\d+: {MODEL} on (cpu|cuda:\d+)", first)
     assert any(line.strip().startswith("keys: ") and "key_file.json" in line for line in rest)
     assert any(line.strip().startswith("logs: ") and "console.log" in line for line in rest)

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -194,7 +195,6 @@ def renew_key(management: str, keys: dict, kind: str = "inference", timeout: flo
 def healthcheck(config: Path, run_dir: Path, timeout: float = 5) -> int:
     """0 when TorchServe answers ``/ping`` Healthy; 1 (and why, on stdout) otherwise."""
     props = read_properties(config) if config.is_file() else {}
-    access = AccessLogTail(run_dir / "logs" / "access_log.log")
     address = loopback(effective(props, "inference_address", "http://127.0.0.1:8080"))
     token = None
     if effective(props, "disable_token_authorization", "false").lower() != "true":
@@ -278,16 +278,23 @@ def wait_loaded(management: str, names: Sequence[str], proc: subprocess.Popen, k
 _HANDLER_READY = re.compile(r"pathway handler ready: model (\S+) on (\S+)")
 
 
-def worker_devices(model_log: Path, wait: float = 5.0) -> dict:
-    """Model name -> device, from the handler's "pathway handler ready" line (written a little after the
-    worker reports READY); empty when the line does not come."""
+def log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def worker_devices(model_log: Path, names: Sequence[str], since: int = 0, wait: float = 5.0) -> dict:
+    """Model name -> device, from the handler's "pathway handler ready" lines written after byte ``since``
+    (the log is appended to across runs; TorchServe's logger may write the line a little after the worker
+    reports READY); a model whose line does not come is left out."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            found = dict(_HANDLER_READY.findall(model_log.read_text(errors="replace")))
+            with open(model_log, "rb") as f:
+                f.seek(since)
+                found = dict(_HANDLER_READY.findall(f.read().decode(errors="replace")))
         except OSError:
             found = {}
-        if found or time.monotonic() >= deadline:
+        if set(names) <= set(found) or time.monotonic() >= deadline:
             return found
         time.sleep(0.25)
 
@@ -310,7 +317,7 @@ def banner(address: str, models: dict, run_dir: Path, key_file: Optional[Path], 
               "Paste into a shell:"]
     if key_file is not None:
         lines.append(f"  TOKEN=$({TOKEN_COMMAND.format(key_file=key_file)})")
-    lines += [f"  PHOTO={photo}",
+    lines += [f"  PHOTO={shlex.quote(photo)}",
               f'  curl{auth} -T "$PHOTO" {address}/predictions/{first}',
               f'  curl{auth} -T "$PHOTO" {address}/explanations/{first}',
               f"  curl{auth} -H 'Accept: image/png' -T \"$PHOTO\" {address}/explanations/{first} -o overlay.png",
@@ -441,6 +448,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     access = AccessLogTail(run_dir / "logs" / "access_log.log")
+    model_log = run_dir / "logs" / "model_log.log"
+    model_log_start = log_size(model_log)
     address = loopback(effective(props, "inference_address", "http://127.0.0.1:8080"))
     management = loopback(effective(props, "management_address", "http://127.0.0.1:8081"))
     token_off = effective(props, "disable_token_authorization", "false").lower() == "true"
@@ -458,9 +467,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 4
     if stopping:
         return stopped()
-    devices = worker_devices(run_dir / "logs" / "model_log.log")
+    devices = worker_devices(model_log, names, model_log_start)
     gpu = {name: any(w.get("gpu") for w in loaded[name].get("workers", [])) for name in names}
-    shown = {name: devices.get(name) or ("a GPU" if gpu[name] else "cpu") for name in names}
+    shown = {name: devices.get(name) or ("the GPU" if gpu[name] else "the CPU") for name in names}
     access.skip()  # the start-up pings
     print(banner(address, shown, run_dir, None if token_off else key_file, sample_photo()), flush=True)
     while proc.poll() is None:
