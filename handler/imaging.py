@@ -214,7 +214,7 @@ VISUALIZATIONS = ("pixels", "outlines")
 #: (black where it is weak), or nothing (black).
 OVERLAY_TYPES = ("original", "grayscale", "mask_black", "none")
 #: Colours are opaque from this intensity up, and fade linearly to transparent below it, so the strongest
-#: third of the clipped range covers the photo instead of tinting it.
+#: third of the clipped range covers the photo instead of tinting it (``mask_black``: shows it unchanged).
 OPAQUE_FROM = 2 / 3
 #: ``outlines`` surround the pixels whose intensity is at least this.
 OUTLINE_LEVEL = 0.5
@@ -395,6 +395,7 @@ def render_overlay(
     size = (max(1, right - left), max(1, bottom - top))
     values = np.clip(np.asarray(Image.fromarray(values, "F").resize(size, Image.BILINEAR)), 0.0, 1.0)
     strength = np.abs(values - 0.5) * 2 if settings.polarity == "both" else values
+    opacity = np.clip(strength / OPAQUE_FROM, 0.0, 1.0)
 
     photo = photo.convert("RGB")
     if settings.overlay_type == "grayscale":
@@ -404,14 +405,14 @@ def render_overlay(
         window = base[top:bottom, left:right].copy()
         base[:] = 0
         if settings.overlay_type == "mask_black":
-            base[top:bottom, left:right] = window * strength[:window.shape[0], :window.shape[1], None]
+            base[top:bottom, left:right] = window * opacity[:window.shape[0], :window.shape[1], None]
     region = base[top:bottom, left:right]
     h, w = region.shape[:2]
-    values, strength = values[:h, :w], strength[:h, :w]
+    values, opacity = values[:h, :w], opacity[:h, :w]
 
     if settings.visualization == "pixels":
         if settings.overlay_type != "mask_black":  # the mask itself shows the attribution there
-            alpha = np.clip(strength / OPAQUE_FROM, 0.0, 1.0)[..., None]
+            alpha = opacity[..., None]
             colours = lut[(values * 255).round().astype(np.intp)]
             base[top:top + h, left:left + w] = region * (1 - alpha) + colours * alpha
     else:
@@ -426,13 +427,24 @@ def render_overlay(
 
 
 def _outline(mask: np.ndarray, thickness: int) -> np.ndarray:
-    """The boundary pixels of a binary mask, thickened to about ``thickness`` pixels."""
-    from PIL import ImageFilter
+    """The boundary pixels of a binary mask, thickened to about ``thickness`` pixels (numpy shifts: fast at 12 MP)."""
+    edge = mask & ~_spread(mask, 1, np.logical_and)
+    return _spread(edge, thickness // 2, np.logical_or)
 
-    image = Image.fromarray(mask.astype(np.uint8) * 255, "L")
-    inner = image.filter(ImageFilter.MinFilter(3))
-    edge = Image.fromarray(((np.asarray(image) > 0) & (np.asarray(inner) == 0)).astype(np.uint8) * 255, "L")
-    return np.asarray(edge.filter(ImageFilter.MaxFilter(thickness))) > 0
+
+def _spread(mask: np.ndarray, radius: int, combine) -> np.ndarray:
+    """A square dilation (``logical_or``) or erosion (``logical_and``) of ``radius`` pixels, done separably."""
+    out = mask.copy()
+    for axis in (0, 1):
+        source = out.copy()
+        n = source.shape[axis]
+        for shift in range(1, min(radius, n - 1) + 1):
+            ahead = [slice(None)] * 2
+            behind = [slice(None)] * 2
+            ahead[axis], behind[axis] = slice(shift, None), slice(None, n - shift)
+            combine(out[tuple(behind)], source[tuple(ahead)], out=out[tuple(behind)])
+            combine(out[tuple(ahead)], source[tuple(behind)], out=out[tuple(ahead)])
+    return out
 
 
 def png_bytes(image: Image.Image) -> bytes:
