@@ -248,8 +248,8 @@ class VisualizationSettings:
 
     Intensity is the attribution's percentile rank, mapped linearly from ``clip_percent_lower`` (nothing
     shown) to ``clip_percent_upper`` (full): an equalised scale. Pathway gradient maps are sparse and
-    heavy-tailed (the 99.9th percentile is ~10x the 90th), so a scale linear in value leaves all but a few
-    pixels near zero and the overlay looks like the untouched photo. ``visualization`` and ``overlay_type``
+    heavy-tailed, so a scale linear in value leaves all but a few pixels near zero and the overlay looks
+    like the untouched photo. ``visualization`` and ``overlay_type``
     shape the overlay only; the heatmap is the intensities themselves, coloured.
     Build one with :meth:`from_options` (checks each value against :data:`VISUALIZATION_OPTIONS`).
     """
