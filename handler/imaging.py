@@ -213,9 +213,9 @@ VISUALIZATIONS = ("pixels", "outlines")
 #: What lies under the colours: the photo, the photo in grayscale, the photo seen through the attribution
 #: (black where it is weak), or nothing (black).
 OVERLAY_TYPES = ("original", "grayscale", "mask_black", "none")
-#: Colours are opaque from this intensity up, and fade linearly to transparent below it, so the strongest
-#: third of the clipped range covers the photo instead of tinting it (``mask_black``: shows it unchanged).
-OPAQUE_FROM = 2 / 3
+#: Colours are opaque from this intensity up, and fade linearly to transparent below it, so the upper half
+#: of the clipped range covers the photo instead of tinting it (``mask_black``: shows it unchanged).
+OPAQUE_FROM = 0.5
 #: ``outlines`` surround the pixels whose intensity is at least this.
 OUTLINE_LEVEL = 0.5
 MAX_SMOOTH = 16.0
@@ -230,7 +230,7 @@ VISUALIZATION_OPTIONS = {
                            help="absolute (|attribution|), positive, negative, or both (a diverging colormap)"),
     "colormap": OptionSpec(str, None, choices=COLORMAPS,
                            help="colours; default inferno, or pink_green with polarity both"),
-    "clip_percent_upper": OptionSpec(float, 99.0, minimum=0.0, maximum=100.0,
+    "clip_percent_upper": OptionSpec(float, 99.9, minimum=0.0, maximum=100.0,
                                      help="percentile of |attribution| shown at full intensity"),
     "clip_percent_lower": OptionSpec(float, 62.0, minimum=0.0, maximum=100.0,
                                      help="percentile of |attribution| at and below which nothing is shown"),
