@@ -240,3 +240,16 @@ def test_visualisation_flags_reach_the_written_pngs(tmp_path, photos, cli_defaul
     assert not (overlay == default).all()
     heatmap = Image.open(tmp_path / "coffee.heatmap.png")
     assert tuple(heatmap.getpalette()[:3]) == tuple(colormap_lut("pink_green")[0])
+
+
+@pytest.mark.server
+def test_the_served_overlay_uses_the_same_visible_defaults(server, coffee, photos, cli_defaults):
+    import io
+
+    reply = server.post("/explanations/efficientnet_lite0", data=coffee,
+                        headers={"Content-Type": "application/octet-stream", "Accept": "image/png"})
+    assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
+    served = Image.open(io.BytesIO(reply.content))
+    strong, weak = visibility(Image.open(photos["coffee"]), served, np.load(cli_defaults / "coffee.attribution.npy"),
+                              Image.BILINEAR)
+    assert strong >= 60 and strong >= 3 * weak
