@@ -205,7 +205,6 @@ COLORMAP_SOURCES = {
     "viridis": "bids:viridis",
 }
 COLORMAPS = tuple(sorted(COLORMAP_SOURCES))
-DIVERGING_COLORMAPS = ("pink_green", "red_blue")
 #: How a signed map is shown: |·| (default), only the positive or negative part, or both on a diverging scale.
 POLARITIES = ("absolute", "positive", "negative", "both")
 #: ``pixels``: each pixel coloured by its intensity; ``outlines``: contours around the strongest regions.
@@ -249,8 +248,8 @@ class VisualizationSettings:
     Intensity is the attribution's percentile rank, mapped linearly from ``clip_percent_lower`` (nothing
     shown) to ``clip_percent_upper`` (full): an equalised scale. Pathway gradient maps are sparse and
     heavy-tailed, so a scale linear in value leaves all but a few pixels near zero and the overlay looks
-    like the untouched photo. ``visualization`` and ``overlay_type``
-    shape the overlay only; the heatmap is the intensities themselves, coloured.
+    like the untouched photo. ``visualization`` and ``overlay_type`` shape the overlay only; the heatmap
+    is the intensities themselves, coloured.
     Build one with :meth:`from_options` (checks each value against :data:`VISUALIZATION_OPTIONS`).
     """
 
@@ -295,9 +294,6 @@ class VisualizationSettings:
         if self.colormap is not None:
             return self.colormap
         return "pink_green" if self.polarity == "both" else "inferno"
-
-    def to_dict(self) -> dict:
-        return {name: getattr(self, name) for name in VISUALIZATION_OPTIONS} | {"colormap": self.resolved_colormap}
 
 
 def _coerce(name: str, spec: OptionSpec, value: Any) -> Any:
