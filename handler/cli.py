@@ -29,7 +29,7 @@ from .engine.methods import METHODS
 from .engine.pathways import SELECTIONS
 from .engine.reduce import REDUCTIONS
 from .errors import ExplainError
-from .imaging import COLORMAPS, POLARITIES
+from .imaging import COLORMAPS, OVERLAY_TYPES, POLARITIES, VISUALIZATION_OPTIONS, VisualizationSettings
 from .models import ModelLoadError, builtin_names, get_spec, label_aliases, load_labels, spec_for_architecture
 from .schema import Limits, attach_paths, parse_options
 from .service import ExplanationService, request_of
@@ -70,8 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--reduce", default=None, help=f"channel reduction: {', '.join(REDUCTIONS.names())}")
     ex.add_argument("--selection", default=None, help=f"pathway selection: {', '.join(SELECTIONS.names())}")
     ex.add_argument("--top-k", default=None, help="predictions to list (default 5)")
-    ex.add_argument("--colormap", default=None, help=f"heatmap colours: {', '.join(COLORMAPS)}")
-    ex.add_argument("--polarity", default=None, help=f"what the heatmap shows: {', '.join(POLARITIES)}")
+    vis = p.add_argument_group("visualisation (heatmap and overlay; the attribution itself is unchanged)")
+    vis.add_argument("--visualization", default=None,
+                     help="pixels (default: each pixel coloured by its intensity) or outlines (contours around "
+                          "the strongest regions, drawn over the photo)")
+    vis.add_argument("--polarity", default=None, help=f"what is shown: {', '.join(POLARITIES)} (default absolute)")
+    vis.add_argument("--colormap", default=None,
+                     help=f"colours: {', '.join(COLORMAPS)} (default inferno; pink_green with --polarity both)")
+    vis.add_argument("--clip-percent-upper", default=None, metavar="P",
+                     help=f"{VISUALIZATION_OPTIONS['clip_percent_upper'].help} "
+                          f"(default {VISUALIZATION_OPTIONS['clip_percent_upper'].default:g})")
+    vis.add_argument("--clip-percent-lower", default=None, metavar="P",
+                     help=f"{VISUALIZATION_OPTIONS['clip_percent_lower'].help} "
+                          f"(default {VISUALIZATION_OPTIONS['clip_percent_lower'].default:g})")
+    vis.add_argument("--overlay-type", default=None,
+                     help=f"the overlay draws over: {', '.join(OVERLAY_TYPES)} (default original)")
+    vis.add_argument("--smooth", default=None, metavar="SIGMA",
+                     help=f"{VISUALIZATION_OPTIONS['smooth'].help} "
+                          f"(default {VISUALIZATION_OPTIONS['smooth'].default:g})")
     ex.add_argument("--save-attribution", action="store_true",
                     help="also write STEM.attribution.npy (float32 [H, W] at model input resolution, signed, "
                          "max |value| = 1)")
@@ -194,11 +210,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             parser.error(f"--option takes NAME=VALUE, not {item!r}")
-        if name.strip().replace("-", "_") in raw:
+        if name.strip().replace("-", "_") in set(raw) | set(VISUALIZATION_OPTIONS):
             parser.error(f"--option {name.strip()} has its own flag; use --{name.strip().replace('_', '-')}")
         raw[name.strip()] = value
     try:
         options = parse_options(raw, Limits())
+        visualization = VisualizationSettings.from_options({name: getattr(args, name)
+                                                            for name in VISUALIZATION_OPTIONS})
         device = _device(args.device)
         service = ExplanationService.from_spec(_spec(args), device=device)
         # Validate what does not depend on the image before reading any file.
@@ -238,7 +256,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     for start in range(0, len(decoded), args.batch_size):
         chunk = decoded[start:start + args.batch_size]
         results = service.explain([image for _, _, image in chunk], [options] * len(chunk),
-                                  attribution_dtype=np.float32)
+                                  attribution_dtype=np.float32, visualization=visualization)
         for (path, stem, _), result in zip(chunk, results):
             if isinstance(result, ExplainError):
                 print(f"{PROG}: error: {path}: {result}", file=sys.stderr)

@@ -19,7 +19,8 @@ from PIL import Image
 
 from .engine import BatchSplit, Explainer, ExplainRequest, InputNormalisation
 from .errors import ExplainError, InvalidOption
-from .imaging import Preprocessor, decode_image, npy_bytes, png_bytes, render_heatmap, render_overlay
+from .imaging import (Preprocessor, VisualizationSettings, decode_image, npy_bytes, png_bytes, render_heatmap,
+                      render_overlay)
 from .models import LoadedModel, ModelSpec, load_model
 from .schema import Limits, RequestOptions, attach_inline, explanation_document, prediction_document
 
@@ -140,8 +141,13 @@ class ExplanationService:
         options: Sequence[RequestOptions],
         *,
         attribution_dtype=np.float16,
+        visualization: Optional[VisualizationSettings] = None,
     ) -> list:
-        """One :class:`ExplainResult` per image, or the :class:`ExplainError` that request alone caused."""
+        """One :class:`ExplainResult` per image, or the :class:`ExplainError` that request alone caused.
+
+        ``visualization`` draws every image's heatmap and overlay (the CLI's flags); None: each request's
+        ``colormap`` and ``polarity`` with the default settings.
+        """
         results, requests, valid = self._validated(options)
         if not valid:
             return results
@@ -151,7 +157,7 @@ class ExplanationService:
         rendering = time.perf_counter()
         self.observer.stage("engine", "explain", rendering - started, len(valid))
         for i, explanation in zip(valid, explanations):
-            results[i] = self._render(images[i], options[i], explanation, attribution_dtype)
+            results[i] = self._render(images[i], options[i], explanation, attribution_dtype, visualization)
         self.observer.stage("render", "explain", time.perf_counter() - rendering, len(valid))
         return results
 
@@ -199,13 +205,15 @@ class ExplanationService:
                 raise result
         return results
 
-    def _render(self, image: Image.Image, options: RequestOptions, explanation, attribution_dtype) -> ExplainResult:
+    def _render(self, image: Image.Image, options: RequestOptions, explanation, attribution_dtype,
+                visualization: Optional[VisualizationSettings] = None) -> ExplainResult:
+        settings = visualization or VisualizationSettings(colormap=options.colormap, polarity=options.polarity)
         document = explanation_document(
             self.name, explanation, self.labels, options, self.preprocessor.describe(image.size))
         artifacts = {}
         if "heatmap" in options.outputs:
             artifacts["heatmap"] = png_bytes(
-                render_heatmap(explanation.attribution, options.colormap, options.polarity))
+                render_heatmap(explanation.attribution, settings))
         if "overlay" in options.outputs:
             photo, box = image, self.preprocessor.crop_box(image.size)
             scale = (self.limits.max_overlay_pixels / (image.width * image.height)) ** 0.5
@@ -213,8 +221,7 @@ class ExplanationService:
                 photo = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
                 box = type(box)(box.left * scale, box.top * scale, box.right * scale, box.bottom * scale)
                 document["explanation"]["overlay_size"] = list(photo.size)
-            artifacts["overlay"] = png_bytes(render_overlay(
-                photo, explanation.attribution, box, options.colormap, options.polarity))
+            artifacts["overlay"] = png_bytes(render_overlay(photo, explanation.attribution, box, settings))
         if "attribution" in options.outputs:
             artifacts["attribution"] = npy_bytes(explanation.attribution.astype(attribution_dtype))
         realised = explanation.pathway.get("realised_sparsity") if explanation.pathway else None
