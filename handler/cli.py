@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
-from .engine.methods import METHODS
-from .engine.pathways import SELECTIONS
-from .engine.reduce import REDUCTIONS
-from .errors import ExplainError
+from .devices import parse_device
+from .engine import METHODS, REDUCTIONS, SELECTIONS
+from .errors import ExplainError, UsageError
 from .imaging import COLORMAPS, POLARITIES
 from .models import ModelLoadError, builtin_names, get_spec, spec_for_architecture
 from .schema import Limits, attach_paths, parse_options
@@ -64,22 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
     p.add_argument("--list", action="store_true", help="list models, methods, selections and reductions, and exit")
     return p
-
-
-class UsageError(Exception):
-    pass
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but CUDA is not available on this machine")
-    return device
 
 
 def _spec(args):
@@ -144,10 +126,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         raw[name.strip()] = value
     try:
         options = parse_options(raw, Limits())
-        device = _device(args.device)
+        device = parse_device(args.device)
         service = ExplanationService.from_spec(_spec(args), device=device)
         # Validate what does not depend on the image before reading any file.
-        service.explainer.resolve_target(service.explainer.validate(request_of(options)).target)
+        service.explainer.validate(request_of(options))
     except (ExplainError, ModelLoadError, UsageError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -36,7 +37,7 @@ class ImageLimits:
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Bytes to an upright RGB image, or a specific error saying why not."""
     if not data:
-        raise InvalidImage("the request has no image: the body (or image field) is empty", type="empty_image")
+        raise InvalidImage("the request has no image: the body (or image field) is empty", code="empty_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -46,9 +47,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     except UnidentifiedImageError:
         raise InvalidImage(
             f"the data is not an image in a known format ({_describe_bytes(data)}); send JPEG, PNG, WebP, BMP or GIF",
-            type="not_an_image") from None
+            code="not_an_image") from None
     except Exception as err:
-        raise InvalidImage(f"cannot read the image header: {err}", type="corrupt_image") from None
+        raise InvalidImage(f"cannot read the image header: {err}", code="corrupt_image") from None
     if image.format not in limits.formats:
         raise UnsupportedImage(f"image format {image.format} is not accepted; send one of "
                                f"{', '.join(f for f in limits.formats if f != 'MPO')}")
@@ -57,7 +58,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
     if min(width, height) < limits.min_side:
         raise InvalidImage(f"image is {width}x{height}; each side must be at least {limits.min_side} pixels",
-                           type="image_too_small")
+                           code="image_too_small")
     try:
         image.seek(0)  # animated images: the first frame
         image.load()
@@ -66,7 +67,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, struct.error, ...
-        raise InvalidImage(f"the image data is truncated or corrupt: {err}", type="corrupt_image") from None
+        raise InvalidImage(f"the image data is truncated or corrupt: {err}", code="corrupt_image") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -87,6 +88,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+def open_image(source, limits: Optional[ImageLimits] = None) -> Image.Image:
+    """A path, bytes or PIL image as a decoded RGB image (the server's checks)."""
+    limits = limits or ImageLimits()
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(source), limits)
+    return decode_image(Path(source).read_bytes(), limits)
 
 
 def _describe_bytes(data: bytes) -> str:
@@ -210,7 +221,7 @@ def colormap_lut(name: str) -> np.ndarray:
     """A 256×3 uint8 lookup table, linearly interpolated between the colormap's anchor colours."""
     if name not in _ANCHORS:
         raise InvalidOption(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}",
-                            type="unknown_colormap")
+                            code="unknown_colormap")
     anchors = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in _ANCHORS[name]], dtype=np.float64)
     positions = np.linspace(0.0, 1.0, len(anchors))
     x = np.linspace(0.0, 1.0, 256)
@@ -221,7 +232,7 @@ def display_values(attribution: np.ndarray, polarity: str = "absolute", clip_per
     """A signed map in [-1, 1] to display intensities in [0, 1] (``both``: 0.5 is zero)."""
     if polarity not in POLARITIES:
         raise InvalidOption(f"unknown polarity {polarity!r}; choose one of: {', '.join(POLARITIES)}",
-                            type="invalid_option")
+                            code="invalid_option")
     a = np.asarray(attribution, dtype=np.float32)
     if polarity == "positive":
         a = np.clip(a, 0, None)

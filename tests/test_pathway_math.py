@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from handler.engine import METHODS, keep_above_quantile, run_along
+from handler.engine import METHODS, run_along
+from handler.engine.pathways import keep_above_quantile
 from handler.engine.pathways import SELECTIONS
 
 
@@ -158,4 +159,4 @@ def test_target_strings_that_look_numeric_get_a_clear_error_not_a_crash(target, 
     assert explainer.resolve_target(" 1 ") == 1
     with pytest.raises(InvalidTarget) as raised:
         explainer.resolve_target(target)
-    assert raised.value.type == kind
+    assert raised.value.code == kind

@@ -187,7 +187,7 @@ def test_method_cost_options_above_the_archive_caps_are_refused(lite0_service, m
         at_cap = parse_options({"method": method_with_cost_options, option: cap}, service.limits)
         over = parse_options({"method": method_with_cost_options, option: cap + 1}, service.limits)
         [refused] = service.explain([image], [over])
-        assert isinstance(refused, ExplainError) and refused.type == "over_limit" and str(cap) in refused.message
+        assert isinstance(refused, ExplainError) and refused.code == "over_limit" and str(cap) in refused.message
         service._check_caps(service.explainer.validate(_request(at_cap)))  # at the cap: accepted
     finally:
         service.limits = saved

@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from handler.engine import keep_above_quantile
 from handler.engine import pathways
-from handler.engine.pathways import kth_smallest_host, kth_smallest_on_device, removal_count
+from handler.engine.pathways import keep_above_quantile, kth_smallest_host, kth_smallest_on_device, removal_count
 
 # Calls that read device memory back to the host (or size their output by it): on CUDA each one waits for
 # every queued kernel. The device threshold must make none of them.

@@ -14,6 +14,7 @@ an out-of-memory degrades to smaller batches instead of failing the requests.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -178,6 +179,16 @@ class PeakMemory:
 
 
 def release_cached_memory(device: torch.device) -> None:
-    """Give cached blocks back after an out-of-memory error, so the smaller retry starts from a clean cache."""
+    """Give memory back after a failed pass (the failure's tensors are garbage once its traceback is gone), so
+    the smaller retry starts from a clean cache."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA or host allocation failures: torch raises ``RuntimeError`` ("can't allocate memory") for the latter."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text

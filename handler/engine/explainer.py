@@ -22,9 +22,9 @@ from .batching import BatchPlanner, MemoryBudget, PeakMemory, release_cached_mem
 from .events import BatchSplit, BatchSplitListener, report_split
 from .methods import METHODS, Attribution
 from .normalisation import InputNormalisation
+from .options import check_sparsity
 from .pathways import SELECTIONS
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
-from .registry import UnknownNameError
 from .sites import NoActivationSitesError, instrument, out_of_place_transform
 
 Target = Union[int, str, None]
@@ -40,6 +40,19 @@ class ExplainRequest:
     reduce: Optional[str] = None
     selection: Optional[str] = None
     options: tuple = ()  # extra method options as sorted (name, value) pairs
+
+
+@dataclass(frozen=True)
+class ValidRequest(ExplainRequest):
+    """A request :meth:`Explainer.validate` accepted: defaults filled in, options typed and within their
+    bounds, the target resolved to ``class_index`` (``-1``: the predicted class). The engine runs it
+    without checking it again."""
+
+    class_index: int = -1
+
+
+#: What a request that names no method, sparsity, reduction or selection gets; a model spec may set its own.
+DEFAULTS = ExplainRequest(method="pathway_gradient", sparsity=0.7, reduce="max_abs", selection="contribution")
 
 
 @dataclass
@@ -103,10 +116,10 @@ class Explainer:
         *,
         labels: Optional[Sequence[str]] = None,
         device: Union[str, torch.device, None] = None,
-        default_method: str = "pathway_gradient",
-        default_sparsity: float = 0.7,
-        default_reduce: str = "max_abs",
-        default_selection: str = "contribution",
+        default_method: str = DEFAULTS.method,
+        default_sparsity: float = DEFAULTS.sparsity,
+        default_reduce: str = DEFAULTS.reduce,
+        default_selection: str = DEFAULTS.selection,
         normalisation: Optional[InputNormalisation] = None,
         memory_budget: Union[MemoryBudget, int, str, None] = None,
         max_batch_size: Optional[int] = None,
@@ -146,17 +159,17 @@ class Explainer:
             digits = text[1:] if text.startswith("-") else text
             if digits.isascii() and digits.isdigit():  # not "²" or "٣", which isdigit() also accepts
                 if len(digits) > 18:  # far out of range; int() of thousands of digits would raise
-                    raise InvalidTarget(f"target {text[:24]}… is out of range", type="target_out_of_range")
+                    raise InvalidTarget(f"target {text[:24]}… is out of range", code="target_out_of_range")
                 return self.resolve_target(int(text))
             hits = self._label_index.get(text.lower())
             if not hits:
                 raise InvalidTarget(f"unknown class label {text!r}" + (
                     "" if self.labels else " (this model has no class names; give a class index)"),
-                    type="unknown_label")
+                    code="unknown_label")
             if len(hits) > 1:
                 raise InvalidTarget(
                     f"class label {text!r} names several classes ({', '.join(map(str, hits))}); give the index",
-                    type="ambiguous_label")
+                    code="ambiguous_label")
             return hits[0]
         if isinstance(target, float) and target.is_integer():
             target = int(target)
@@ -166,27 +179,22 @@ class Explainer:
         if target < 0 or (limit is not None and target >= limit):
             bound = f"0..{limit - 1}" if limit is not None else "a non-negative index"
             raise InvalidTarget(f"target {target} is out of range: this model's classes are {bound}",
-                                type="target_out_of_range")
+                                code="target_out_of_range")
         return target
 
-    def validate(self, request: ExplainRequest) -> ExplainRequest:
-        """The request with defaults filled in; raises :class:`InvalidOption` naming what is wrong."""
+    def validate(self, request: ExplainRequest) -> ValidRequest:
+        """The request with defaults filled in and its target resolved; raises :class:`InvalidOption` or
+        :class:`InvalidTarget` naming what is wrong. Every rule of a request is checked here, once."""
         method = request.method or self.defaults.method
         reduce = request.reduce or self.defaults.reduce
         selection = request.selection or self.defaults.selection
         sparsity = self.defaults.sparsity if request.sparsity is None else request.sparsity
         for registry, name in ((METHODS, method), (REDUCTIONS, reduce), (SELECTIONS, selection)):
-            try:
-                registry.get(name)
-            except UnknownNameError as err:
-                raise InvalidOption(str(err), type=f"unknown_{registry.what.split()[-1]}") from None
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise InvalidOption(f"sparsity must be a number in [0, 1), not {sparsity!r}", type="invalid_sparsity")
-        sparsity = float(sparsity)
-        if not 0.0 <= sparsity < 1.0:
-            raise InvalidOption(f"sparsity must be in [0, 1), got {sparsity}", type="invalid_sparsity")
-        return ExplainRequest(request.target, method, sparsity, reduce, selection,
-                              self._validate_options(method, selection, dict(request.options)))
+            registry.get(name)  # raises UnknownNameError, coded after the registry
+        sparsity = check_sparsity(sparsity)
+        options = self._validate_options(method, selection, dict(request.options))
+        return ValidRequest(request.target, method, sparsity, reduce, selection, options,
+                            class_index=self.resolve_target(request.target))
 
     def option_specs(self, method: str, selection: str) -> dict:
         """The options a request may set for this method (and, if it follows a pathway, this selection)."""
@@ -205,7 +213,7 @@ class Explainer:
                 accepted = ", ".join(sorted(specs)) or "none"
                 raise InvalidOption(f"option {name!r} does not apply to method {method!r}"
                                     + (f" with selection {selection!r}" if METHODS.get(method).uses_pathway else "")
-                                    + f" (it accepts: {accepted})", type="unknown_option")
+                                    + f" (it accepts: {accepted})", code="unknown_option")
             out[name] = spec.coerce(name, value)
         return tuple(sorted(out.items()))
 
@@ -246,12 +254,15 @@ class Explainer:
         return self.explain_requests(x, requests)
 
     def explain_requests(self, x: torch.Tensor, requests: Sequence[ExplainRequest]) -> list:
-        """One explanation per request; requests that share a method and options run as one batch."""
+        """One explanation per request; requests that share a method and options run as one batch.
+
+        A :class:`ValidRequest` (from :meth:`validate`) is trusted as it is; any other request is validated
+        first."""
         if x.dim() != 4 or x.shape[0] != len(requests):
             raise ValueError(f"expected a [B, C, H, W] batch with one request per sample, got {tuple(x.shape)} "
                              f"and {len(requests)} requests")
-        requests = [self.validate(r) for r in requests]
-        resolved = [self.resolve_target(r.target) for r in requests]
+        requests = [r if isinstance(r, ValidRequest) else self.validate(r) for r in requests]
+        resolved = [r.class_index for r in requests]
         groups: dict = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.method, r.selection, r.options), []).append(i)
@@ -388,7 +399,7 @@ def _neurons_in(recorder) -> int:
 def _per_sample(value, batch: int, what: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != batch:
-            raise InvalidOption(f"{what}: got {len(value)} values for a batch of {batch}")
+            raise ValueError(f"{what}: got {len(value)} values for a batch of {batch}")  # the caller's bug
         return list(value)
     return [value] * batch
 

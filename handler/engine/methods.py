@@ -42,7 +42,7 @@ class Method:
         return self.fn(model, x, targets, **options)
 
 
-METHODS: Registry = Registry("explanation method")
+METHODS: Registry = Registry("explanation method", "unknown_method")
 
 
 def register_method(

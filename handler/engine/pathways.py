@@ -419,7 +419,7 @@ class Selection:
         return self.fn(model, x, targets, sparsity, **options)
 
 
-SELECTIONS: Registry = Registry("pathway selection")
+SELECTIONS: Registry = Registry("pathway selection", "unknown_selection")
 
 
 def register_selection(name: str, *, options: Optional[Mapping[str, OptionSpec]] = None):

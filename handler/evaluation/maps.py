@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from ..engine import METHODS, SELECTIONS, Explainer
-from ..errors import InvalidOption
-from ..engine.registry import UnknownNameError
+from ..errors import InvalidOption, UnknownNameError
 from .progress import Progress
 
 
@@ -76,7 +75,7 @@ class MethodVariant:
 
     def validated(self, explainer: Explainer) -> "MethodVariant":
         """The variant with its options coerced to their declared types (raises :class:`InvalidOption`)."""
-        from ..engine.explainer import ExplainRequest
+        from ..engine import ExplainRequest
 
         request = explainer.validate(ExplainRequest(method=self.method, selection=self.selection,
                                                     sparsity=self.sparsity, options=self.options))

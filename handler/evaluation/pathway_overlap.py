@@ -19,9 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import SELECTIONS, instrument, run_along
-from ..engine.explainer import explaining
-from ..engine.sites import SiteCall
+from ..engine import SELECTIONS, SiteCall, explaining, instrument, run_along
 from .progress import Progress
 
 

@@ -30,20 +30,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from ..errors import ExplainError, InvalidImage, InvalidOption
+from ..errors import BadRequest, ExplainError, InvalidImage, InvalidOption, UnsupportedMediaType
 
 IMAGE_FIELDS = ("image", "data", "file", "b64", "bytes")
 logger = logging.getLogger(__name__)
 HEADER_PREFIX = "x-explain-"
-
-
-class BadRequest(ExplainError):
-    type = "bad_request"
-
-
-class UnsupportedMediaType(ExplainError):
-    status = 415
-    type = "unsupported_media_type"
 
 
 @dataclass
@@ -92,7 +83,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], *, max_ins
 def _unreadable(err: Exception) -> ExplainError:
     logger.warning("unreadable request: %s: %s", type(err).__name__, err)
     return BadRequest(f"the request could not be read: {type(err).__name__}: {str(err)[:200]}",
-                      type="unreadable_request")
+                      code="unreadable_request")
 
 
 def _parse_into(request: ParsedRequest, row: dict, headers: dict, max_instances: int) -> None:
@@ -111,7 +102,7 @@ def _parse_into(request: ParsedRequest, row: dict, headers: dict, max_instances:
                 "or a multipart form with a 'data' field")
         elif isinstance(body, (bytes, bytearray)):
             if "json" in content_type:
-                raise BadRequest(f"malformed JSON body: {_json_error(body)}", type="malformed_json")
+                raise BadRequest(f"malformed JSON body: {_json_error(body)}", code="malformed_json")
             if "x-www-form-urlencoded" in content_type:
                 raise UnsupportedMediaType(
                     "the body was sent as a URL-encoded form (curl --data-binary without a content type); "
@@ -128,7 +119,7 @@ def _parse_multipart(request: ParsedRequest, fields: dict, from_headers: dict) -
     if image_key is None:
         names = ", ".join(sorted(fields)) or "none"
         raise BadRequest(f"multipart request has no image field: name it 'data' (or 'image'); got fields: {names}",
-                         type="missing_image")
+                         code="missing_image")
     image = fields.pop(image_key)
     if isinstance(image, dict):
         raise BadRequest(f"multipart field {image_key!r} holds JSON, not image bytes")
@@ -169,7 +160,7 @@ def _json_instance(item: Any, shared: dict, where: str) -> Instance:
     key = next((k for k in IMAGE_FIELDS if k in item), None)
     if key is None:
         raise BadRequest(f"{where} has no image: add \"image\": \"<base64>\" (or {{\"b64\": \"<base64>\"}})",
-                         type="missing_image")
+                         code="missing_image")
     image = decode_base64(item.pop(key), f"{where}.{key}")
     options = dict(shared)
     options.update(_parameters(item.pop("parameters", None)))
@@ -200,7 +191,7 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
             shared[name] = data[0] if len(data) == 1 else data
     if images is None:
         raise BadRequest("no image among 'inputs': send a BYTES tensor named 'image' whose data are base64 strings",
-                         type="missing_image")
+                         code="missing_image")
     if not images:
         raise BadRequest("the image tensor has no data")
     _check_count(len(images), max_instances)
@@ -210,8 +201,7 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
 
 def _check_count(count: int, limit: int) -> None:
     if count > limit:
-        raise BadRequest(f"{count} images in one request; this server takes at most {limit}", type="too_many_instances",
-                         status=413)
+        raise BadRequest(f"{count} images in one request; this server takes at most {limit}", code="too_many_instances")
 
 
 def _parameters(value: Any) -> dict:
@@ -244,7 +234,7 @@ def decode_base64(value: Any, where: str) -> bytes:
         text = text.split(",", 1)[1]
     text = "".join(text.split())
     if not text:
-        raise InvalidImage(f"{where} is empty", type="empty_image")
+        raise InvalidImage(f"{where} is empty", code="empty_image")
     try:
         if "-" in text or "_" in text:
             return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -328,7 +318,7 @@ def parse_envelope(kind: str, rows: list, headers: Mapping[str, Any], *, max_ins
                     raise BadRequest(
                         f"input {tensor.get('name')!r} has shape {shape}, but the kservev2 envelope passes only the "
                         "first element of a BYTES tensor: send one image per request (or serve without "
-                        "service_envelope, where several images per request work)", type="unsupported_by_envelope")
+                        "service_envelope, where several images per request work)", code="unsupported_by_envelope")
             _parse_v2(request, {"inputs": rows}, from_headers, max_instances)
     except ExplainError as err:
         request.error = err
