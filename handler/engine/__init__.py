@@ -16,7 +16,8 @@ Extending (registries: new strategies are registered, not special-cased):
 
 Activation sites (:mod:`.sites`, the one place that instruments a model):
     :func:`instrument`, :class:`Site`, :class:`SiteLayout`, :class:`SiteCall`, :class:`SiteMismatchError`,
-    and :func:`run_along` (a forward pass along a pathway).
+    :func:`observe_network` (logits, layout and which neurons are alive), and :func:`run_along` (a forward
+    pass along a pathway).
 
 Memory (:mod:`.batching`, :mod:`.events`):
     :class:`MemoryBudget`, :class:`BatchSplit` (reported through ``Explainer.on_batch_split``),
@@ -33,11 +34,12 @@ from .options import OptionSpec
 from .pathways import SELECTIONS, Pathway, register_selection, run_along
 from .reduce import REDUCTIONS
 from .registry import Registry
+from .selections import observe_network
 from .sites import Site, SiteCall, SiteLayout, SiteMismatchError, instrument
 
 __all__ = [
     "Attribution", "BatchSplit", "DEFAULTS", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
     "METHODS", "MemoryBudget", "OptionSpec", "Pathway", "REDUCTIONS", "Registry", "SELECTIONS", "Site", "SiteCall",
     "SiteLayout", "SiteMismatchError", "ValidRequest", "explaining", "instrument", "is_out_of_memory",
-    "register_method", "register_selection", "release_cached_memory", "run_along",
+    "observe_network", "register_method", "register_selection", "release_cached_memory", "run_along",
 ]

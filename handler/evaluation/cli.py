@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..devices import parse_device
+from ..commands import parse_device, run_main
 from ..engine import METHODS, REDUCTIONS, SELECTIONS
 from ..errors import ExplainError, UsageError
 from ..imaging import Preprocessor
@@ -208,11 +208,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
-        code = run(argv)
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    run_main(run, argv)
 
 
 if __name__ == "__main__":

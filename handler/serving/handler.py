@@ -30,7 +30,6 @@ from typing import Any, Optional
 
 import torch
 
-from ..devices import choose_device
 from ..errors import BadRequest, ExplainError
 from ..models import ModelSpec, load_model
 from ..schema import Limits
@@ -213,6 +212,13 @@ def request_headers(context, index: int) -> dict:
         return context.get_all_request_header(index) or {}
     except (IndexError, KeyError, TypeError, AttributeError):
         return {}
+
+
+def choose_device(gpu_id, preference: str = "auto") -> torch.device:
+    """The worker's GPU when TorchServe assigned one and CUDA works, else the CPU."""
+    if preference == "cpu" or gpu_id is None or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(gpu_id)}")
 
 
 def _ascii(text: str) -> str:

@@ -228,7 +228,7 @@ def decode_base64(value: Any, where: str) -> bytes:
             raise BadRequest(f"{where} must be a base64 string or {{\"b64\": \"<base64>\"}}")
         value = value["b64"]
     if not isinstance(value, str):
-        raise BadRequest(f"{where} must be a base64 string, not {type(value).__name__}", type="bad_base64")
+        raise BadRequest(f"{where} must be a base64 string, not {type(value).__name__}", code="bad_base64")
     text = value.strip()
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
@@ -240,7 +240,7 @@ def decode_base64(value: Any, where: str) -> bytes:
             return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise BadRequest(f"{where} is not valid base64: {err}", type="bad_base64") from None
+        raise BadRequest(f"{where} is not valid base64: {err}", code="bad_base64") from None
 
 
 def _param_content_type(headers: dict, param: str) -> str:

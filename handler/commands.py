@@ -1,6 +1,9 @@
-"""Which device to run on, as the CLIs' ``--device`` flag and TorchServe's ``gpu_id`` say."""
+"""What the two command-line tools (``pathway-explain``, ``pathway-eval``) share: ``--device`` and the exit."""
 
 from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -20,8 +23,11 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def choose_device(gpu_id, preference: str = "auto") -> torch.device:
-    """The worker's GPU when TorchServe assigned one and CUDA works, else the CPU."""
-    if preference == "cpu" or gpu_id is None or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(f"cuda:{int(gpu_id)}")
+
+def run_main(run: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> None:
+    """Exit with ``run``'s status; Ctrl-C is 130, as a shell reports it, not a traceback."""
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
