@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from handler.engine import METHODS, run_along
-from handler.engine.pathways import keep_above_quantile
+from handler.engine.threshold import keep_above_quantile
 from handler.engine.pathways import SELECTIONS
 
 

@@ -24,7 +24,7 @@ Memory (:mod:`.batching`, :mod:`.events`):
     :func:`is_out_of_memory`, :func:`release_cached_memory`.
 """
 
-from . import baselines, selections  # noqa: F401  (registers the baseline methods and selection strategies)
+from . import baselines, contribution, selections  # noqa: F401  (registers methods and selection strategies)
 from .batching import MemoryBudget, is_out_of_memory, release_cached_memory
 from .events import BatchSplit
 from .explainer import DEFAULTS, Explainer, ExplainRequest, Explanation, ValidRequest, explaining

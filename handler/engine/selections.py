@@ -17,8 +17,8 @@ from torch import nn
 
 from .baselines import MAX_SEED, path_chunks
 from .options import OptionSpec
-from .pathways import (
-    Pathway, channel_sums, keep_above_quantile, register_selection, removal_count, resolve_targets)
+from .pathways import Pathway, channel_sums, register_selection, resolve_targets
+from .threshold import keep_above_quantile, removal_count
 from .sites import Site, SiteCall, SiteLayout, instrument
 
 SEED = OptionSpec(int, 0, minimum=0, maximum=MAX_SEED, help="random seed (same seed, same pathway)")
