@@ -16,7 +16,7 @@ import yaml
 from handler.serving.metrics import load_specs
 
 pytestmark = pytest.mark.server
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "efficientnet_lite0"
 RAW = {"Content-Type": "application/octet-stream"}
 SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)$')

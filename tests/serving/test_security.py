@@ -19,7 +19,7 @@ from handler.errors import ExplainError
 from handler.models import ModelLoadError, read_state_dict
 from handler.schema import Limits, parse_options
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "efficientnet_lite0"
 RAW = {"Content-Type": "application/octet-stream"}
 
