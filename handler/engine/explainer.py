@@ -17,17 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidOption, InvalidTarget
+from ..errors import InvalidOption
 from .batching import BatchPlanner, MemoryBudget, PeakMemory, release_cached_memory
 from .events import BatchSplit, BatchSplitListener, report_split
 from .methods import METHODS, Attribution
 from .normalisation import InputNormalisation
 from .options import check_sparsity
-from .pathways import SELECTIONS
+from .pathways import SELECTIONS, pathway_notes
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
 from .sites import NoActivationSitesError, instrument, out_of_place_transform
+from .targets import ClassNames, Target
 
-Target = Union[int, str, None]
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,7 @@ class Explainer:
         self.model = model.to(self.device)
         self.planner = BatchPlanner(MemoryBudget.parse(memory_budget, max_batch_size), self.device)
         self._neurons: dict = {}  # input shape (no batch) -> neurons per sample
-        self.labels = list(labels) if labels is not None else None
-        self._label_index = _label_index(self.labels) if self.labels else {}
+        self.classes = ClassNames(labels)
         self.normalisation = normalisation if normalisation is not None else InputNormalisation()
         self.defaults = ExplainRequest(
             target=None, method=default_method, sparsity=default_sparsity,
@@ -142,45 +141,19 @@ class Explainer:
     # -- validation ---------------------------------------------------------
 
     @property
+    def labels(self) -> Optional[list]:
+        return self.classes.labels
+
+    @property
     def num_classes(self) -> Optional[int]:
-        return len(self.labels) if self.labels else None
+        return self.classes.num_classes
 
     def label(self, index: int) -> str:
-        return self.labels[index] if self.labels else str(index)
+        return self.classes.label(index)
 
     def resolve_target(self, target: Target) -> int:
         """A class index (or ``-1`` for "the predicted class") from an index or a label name."""
-        if target is None or (isinstance(target, str) and target.strip().lower() in ("", "auto", "predicted")):
-            return -1
-        if isinstance(target, bool):
-            raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
-        if isinstance(target, str):
-            text = target.strip()
-            digits = text[1:] if text.startswith("-") else text
-            if digits.isascii() and digits.isdigit():  # not "²" or "٣", which isdigit() also accepts
-                if len(digits) > 18:  # far out of range; int() of thousands of digits would raise
-                    raise InvalidTarget(f"target {text[:24]}… is out of range", code="target_out_of_range")
-                return self.resolve_target(int(text))
-            hits = self._label_index.get(text.lower())
-            if not hits:
-                raise InvalidTarget(f"unknown class label {text!r}" + (
-                    "" if self.labels else " (this model has no class names; give a class index)"),
-                    code="unknown_label")
-            if len(hits) > 1:
-                raise InvalidTarget(
-                    f"class label {text!r} names several classes ({', '.join(map(str, hits))}); give the index",
-                    code="ambiguous_label")
-            return hits[0]
-        if isinstance(target, float) and target.is_integer():
-            target = int(target)
-        if not isinstance(target, int):
-            raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
-        limit = self.num_classes
-        if target < 0 or (limit is not None and target >= limit):
-            bound = f"0..{limit - 1}" if limit is not None else "a non-negative index"
-            raise InvalidTarget(f"target {target} is out of range: this model's classes are {bound}",
-                                code="target_out_of_range")
-        return target
+        return self.classes.resolve(target)
 
     def validate(self, request: ExplainRequest) -> ValidRequest:
         """The request with defaults filled in and its target resolved; raises :class:`InvalidOption` or
@@ -342,20 +315,12 @@ class Explainer:
         summaries = attribution.pathway.summaries() if attribution.pathway is not None else None
         probs = probs.cpu().numpy()
         targets = attribution.targets.cpu().tolist()
+        zero_note = METHODS.get(method).zero_note
         out = []
         for b, request in enumerate(requests):
-            notes = []
-            if summaries is not None and not summaries[b]["locally_linear"]:
-                notes.append(
-                    "the model has non-piecewise-linear activations ("
-                    + ", ".join(summaries[b]["nonlinear_activations"])
-                    + "): the pathway is masked as usual, but it is not exactly linear around the input")
+            notes = [] if summaries is None else pathway_notes(summaries[b])
             if scales[request.reduce][b] <= ZERO_MAP_EPS:
-                notes.append(
-                    "the attribution is zero: the target logit does not depend on the input along this path "
-                    "(at high sparsity a pathway can lose the target)" if summaries is not None else
-                    f"the attribution is zero everywhere: {method} finds no input evidence for the target "
-                    "(Grad-CAM is zero where every position of its layer weighs against it)")
+                notes.append(zero_note)
             out.append(Explanation(
                 method=method,
                 reduce=request.reduce,
@@ -402,13 +367,6 @@ def _per_sample(value, batch: int, what: str) -> list:
             raise ValueError(f"{what}: got {len(value)} values for a batch of {batch}")  # the caller's bug
         return list(value)
     return [value] * batch
-
-
-def _label_index(labels: Sequence[str]) -> dict:
-    index: dict = {}
-    for i, name in enumerate(labels):
-        index.setdefault(name.lower(), []).append(i)
-    return index
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -111,6 +111,14 @@ class Pathway:
         return out
 
 
+def pathway_notes(summary: dict) -> list:
+    """What a reader of one sample's pathway summary should know about it (for the response's ``notes``)."""
+    if summary["locally_linear"]:
+        return []
+    return ["the model has non-piecewise-linear activations (" + ", ".join(summary["nonlinear_activations"])
+            + "): the pathway is masked as usual, but it is not exactly linear around the input"]
+
+
 def resolve_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Each sample's target class: the given index, or the predicted class where it is negative."""
     return torch.where(targets < 0, logits.argmax(dim=1), targets)
