@@ -334,7 +334,7 @@ def guided_backprop(model, x, targets) -> Attribution:
     never opens a path the forward pass closed. Captum's own ``GuidedBackprop``
     rectifies ``nn.ReLU`` modules only, so on a ReLU6 network such as
     EfficientNet-Lite0 it silently returns the plain gradient; its rule applied to
-    ReLU6 modules is what this computes (see ``tests/test_captum_crosscheck.py``).
+    ReLU6 modules is what this computes (see ``tests/engine/test_captum_crosscheck.py``).
     Leaky ReLU and PReLU sites are rectified the same way.
     """
     with instrument(model, rectify_site_gradient, name_sites=False):

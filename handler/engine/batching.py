@@ -28,8 +28,8 @@ import torch
 DEFAULT_CUDA_FRACTION = 0.8
 #: Share of the available RAM (``MemAvailable``) a pass may use on the CPU; TorchServe may run several workers.
 DEFAULT_CPU_FRACTION = 0.25
-#: Peak bytes per neuron and sample assumed before anything is measured. Measured on the CPU (float32,
-#: 224²): pathway gradient 14–20 (EfficientNet-Lite0 18–19, ResNet-50 14–20), vanilla gradient 10–15.
+#: Peak bytes per neuron and sample assumed before anything is measured: above what the pathway gradient
+#: and the vanilla gradient were measured to need (benchmarks/speed/README.md), so a first batch fits.
 DEFAULT_BYTES_PER_NEURON = 24
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)

@@ -97,7 +97,7 @@ def _new_buffer(batch: int, total: int, dtype: torch.dtype, device: torch.device
 
 #: Largest ``[B, N]`` score buffer, in bytes, that a CPU thread keeps between calls (0: none). glibc hands
 #: blocks above 32 MB back to the system when they are freed, so a fresh buffer page-faults in on every call
-#: (~2.5 µs per 4 KiB page here: 15 ms for ResNet-50 at batch 1, 80 ms for EfficientNet-Lite0 at batch 8).
+#: (what that costs: benchmarks/speed/README.md, "Figures the code relies on").
 SCORE_WORKSPACE_BYTES = 512 * 2**20
 
 

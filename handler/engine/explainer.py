@@ -79,7 +79,7 @@ class Explanation:
 def explaining(model: nn.Module) -> Iterator[None]:
     """Eval mode, frozen parameters and autograd on, for the duration; the model's own state comes back after."""
     # Only what needs changing is changed (and restored): model.eval()/train() walk every module through
-    # nn.Module.__setattr__, ~2 ms per call for EfficientNet-Lite0, 4 % of one of its gradients.
+    # nn.Module.__setattr__, a visible share of a small model's gradient (benchmarks/speed/README.md).
     training = [m for m in model.modules() if m.training]
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:

@@ -75,7 +75,7 @@ GATE_MAX = 100.0
 
 @register_selection("pruning_gates", options={
     # An iteration is a forward and a backward through the gated network plus the gates' update: it costs
-    # about eight plain passes (benchmarks/README.md), hence its weight in the pass budget.
+    # about eight plain passes (benchmarks/speed/README.md), hence its weight in the pass budget.
     "iterations": OptionSpec(int, 100, minimum=1, maximum=1000, help="SGD steps on the gates (authors: up to 1000)",
                              passes=8, server_cap=120),
     "init": OptionSpec(str, "ones", choices=("ones", "random"), help="gate initialisation: ones or uniform [0, 1)"),

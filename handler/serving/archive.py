@@ -64,7 +64,7 @@ DEFAULT_PATHWAY_CONFIG = {
         "method_caps": declared_caps(),
         # Passes weighted by each option's declared cost (OptionSpec.passes): 1000 allow one image at the
         # default 100 pruning-gate iterations, or 16 images of 60 integrated-gradient steps, and keep a batch
-        # of such requests inside responseTimeout (benchmarks/README.md has the measurement); past it
+        # of such requests inside responseTimeout (benchmarks/speed/README.md has the measurement); past it
         # TorchServe kills the worker. Scale both with the machine and the model.
         "max_passes_per_request": 1000,
     },
