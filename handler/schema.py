@@ -38,8 +38,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .engine.methods import METHODS
-from .engine.options import check_sparsity
+from .engine import METHODS, SELECTIONS, check_sparsity
 from .errors import InvalidOption
 from .imaging import COLORMAPS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, POLARITIES, ImageLimits
 
@@ -100,8 +99,6 @@ class RequestOptions:
 
 def declared_option_names() -> set:
     """Options that some registered method or selection strategy declares (``steps``, ``signed``, ...)."""
-    from .engine.pathways import SELECTIONS
-
     names = set()
     for registry in (METHODS, SELECTIONS):
         for name in registry.names():

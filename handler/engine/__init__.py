@@ -12,7 +12,7 @@ Explaining (the front door, :mod:`.explainer`):
 Extending (registries: new strategies are registered, not special-cased):
     :data:`METHODS` / :func:`register_method` with :class:`Attribution`, :data:`SELECTIONS` /
     :func:`register_selection` with :class:`Pathway`, :data:`REDUCTIONS`, :class:`OptionSpec` (an option's
-    type, bounds and cost in passes), :class:`Registry`.
+    type, bounds and cost in passes), :func:`check_sparsity` (the one sparsity rule), :class:`Registry`.
 
 Activation sites (:mod:`.sites`, the one place that instruments a model):
     :func:`instrument`, :class:`Site`, :class:`SiteLayout`, :class:`SiteCall`, :class:`SiteMismatchError`,
@@ -30,7 +30,7 @@ from .events import BatchSplit
 from .explainer import DEFAULTS, Explainer, ExplainRequest, Explanation, ValidRequest, explaining
 from .methods import METHODS, Attribution, register_method
 from .normalisation import InputNormalisation
-from .options import OptionSpec
+from .options import OptionSpec, check_sparsity
 from .pathways import SELECTIONS, Pathway, register_selection, run_along
 from .reduce import REDUCTIONS
 from .registry import Registry
@@ -40,6 +40,6 @@ from .sites import Site, SiteCall, SiteLayout, SiteMismatchError, instrument
 __all__ = [
     "Attribution", "BatchSplit", "DEFAULTS", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
     "METHODS", "MemoryBudget", "OptionSpec", "Pathway", "REDUCTIONS", "Registry", "SELECTIONS", "Site", "SiteCall",
-    "SiteLayout", "SiteMismatchError", "ValidRequest", "explaining", "instrument", "is_out_of_memory",
+    "SiteLayout", "SiteMismatchError", "ValidRequest", "check_sparsity", "explaining", "instrument", "is_out_of_memory",
     "observe_network", "register_method", "register_selection", "release_cached_memory", "run_along",
 ]
