@@ -20,7 +20,7 @@ from ..errors import InvalidOption
 from ..imaging import Preprocessor, open_image
 from ..models import LoadedModel, explainer_for
 from .localisation import localisation, tolerance_for
-from .maps import Maps, explain_maps
+from .maps import Maps, explain_maps, option_pairs
 from .pathway_overlap import compare_selections
 from .perturbation import FRACTIONS, RISE_STEP, curve_length, insertion_deletion, pixel_perturbation
 from .progress import Progress
@@ -236,11 +236,7 @@ def parse_overlap_selection(text: str) -> tuple:
     except Exception as err:
         raise InvalidOption(str(err)) from None
     options = {}
-    for item in filter(None, (part.strip() for part in tail.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise InvalidOption(f"{text!r}: options are NAME=VALUE, not {item!r}")
+    for key, value in option_pairs(text, tail):
         spec = strategy.options.get(key)
         if spec is None:
             raise InvalidOption(f"{text!r}: selection {name!r} has no option {key!r} "
