@@ -36,7 +36,7 @@ from ..schema import Limits
 from ..service import ExplanationService, Job
 from . import responses
 from .metrics import HandlerMetrics
-from .requests import ENVELOPE_V1, ParsedRequest, envelope_of, parse_envelope, parse_request
+from .requests import ENVELOPE_V1, ParsedRequest, Protocol, envelope_of, parse_envelope, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class PathwayHandler:
             return result.artifacts["overlay"]
         context.set_response_content_type(index, responses.JSON)
         request_id = (plan.request.request_id or context.get_request_id(index)) \
-            if plan.request.protocol == "kserve_v2" else None
+            if plan.request.protocol is Protocol.KSERVE_V2 else None
         answer = plan.answer(self.model_name, request_id)
         return responses.compact(responses.ENCODERS[plan.request.protocol](answer))
 

@@ -28,6 +28,7 @@ import binascii
 import json
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Mapping, Optional
 
 from ..errors import BadRequest, ExplainError, InvalidImage, InvalidOption, UnsupportedMediaType
@@ -35,6 +36,16 @@ from ..errors import BadRequest, ExplainError, InvalidImage, InvalidOption, Unsu
 IMAGE_FIELDS = ("image", "data", "file", "b64", "bytes")
 logger = logging.getLogger(__name__)
 HEADER_PREFIX = "x-explain-"
+
+
+class Protocol(str, Enum):
+    """How a request was sent, and so how its answer is encoded (:data:`.responses.ENCODERS`)."""
+
+    PLAIN = "plain"  # raw image bytes, a multipart form, or JSON {"image": ...}
+    KSERVE_V1 = "kserve_v1"  # JSON {"instances": [...]}
+    KSERVE_V2 = "kserve_v2"  # JSON {"inputs": [...]} (open inference protocol)
+    ENVELOPE_V1 = "envelope_v1"  # rows a stock ``kserve`` envelope parsed out of request 0
+    ENVELOPE_V2 = "envelope_v2"  # rows a stock ``kservev2`` envelope parsed out of request 0
 
 
 @dataclass
@@ -45,7 +56,7 @@ class Instance:
 
 @dataclass
 class ParsedRequest:
-    protocol: str  # "plain", "kserve_v1", "kserve_v2", or "envelope_v1"/"envelope_v2" (a stock envelope parsed it)
+    protocol: Protocol
     explain: bool
     instances: list = field(default_factory=list)
     wants_png: bool = False
@@ -68,10 +79,10 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], *, max_ins
     headers = lower_headers(headers)
     explain = str(headers.get("explain", "")).lower() == "true"
     accept = str(headers.get("accept", "")).lower()
-    request = ParsedRequest(protocol="plain", explain=explain)
+    request = ParsedRequest(protocol=Protocol.PLAIN, explain=explain)
     try:
         _parse_into(request, dict(row), headers, max_instances)
-        request.wants_png = explain and request.protocol == "plain" and "image/png" in accept \
+        request.wants_png = explain and request.protocol is Protocol.PLAIN and "image/png" in accept \
             and "application/json" not in accept
     except ExplainError as err:
         request.error = err
@@ -135,7 +146,7 @@ def _parse_multipart(request: ParsedRequest, fields: dict, from_headers: dict) -
 
 def _parse_json(request: ParsedRequest, body: dict, from_headers: dict, max_instances: int) -> None:
     if "instances" in body:
-        request.protocol = "kserve_v1"
+        request.protocol = Protocol.KSERVE_V1
         instances = body["instances"]
         shared = dict(from_headers)
         shared.update(_parameters(body.get("parameters")))
@@ -145,7 +156,7 @@ def _parse_json(request: ParsedRequest, body: dict, from_headers: dict, max_inst
         request.instances = [_json_instance(item, shared, f"instances[{i}]") for i, item in enumerate(instances)]
         return
     if "inputs" in body:
-        request.protocol = "kserve_v2"
+        request.protocol = Protocol.KSERVE_V2
         _parse_v2(request, body, from_headers, max_instances)
         return
     request.instances = [_json_instance(body, from_headers, "body")]
@@ -305,7 +316,8 @@ def parse_envelope(kind: str, rows: list, headers: Mapping[str, Any], *, max_ins
     """One request from an envelope's rows and request 0's headers; failures in ``error``, never raised."""
     headers = lower_headers(headers)
     explain = str(headers.get("explain", "")).lower() == "true"
-    request = ParsedRequest(protocol="envelope_v1" if kind == ENVELOPE_V1 else "envelope_v2", explain=explain)
+    request = ParsedRequest(protocol=Protocol.ENVELOPE_V1 if kind == ENVELOPE_V1 else Protocol.ENVELOPE_V2,
+                            explain=explain)
     from_headers = header_options(headers)
     try:
         if kind == ENVELOPE_V1:

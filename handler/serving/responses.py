@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import ExplainError
+from .requests import Protocol
 
 JSON = "application/json"
 
@@ -82,7 +83,7 @@ def _bytes_tensor(name: str, data: list) -> dict:
 
 
 #: Protocol of a parsed request (:attr:`~.requests.ParsedRequest.protocol`) -> its body's encoder.
-ENCODERS = {"plain": encode_plain, "kserve_v1": encode_kserve_v1, "kserve_v2": encode_kserve_v2}
+ENCODERS = {Protocol.PLAIN: encode_plain, Protocol.KSERVE_V1: encode_kserve_v1, Protocol.KSERVE_V2: encode_kserve_v2}
 
 
 def encode_envelope_v1(answer: Answer) -> list:
