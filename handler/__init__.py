@@ -10,9 +10,10 @@ Quick start::
 
 from .engine import Explainer, ExplainRequest, Explanation
 from .errors import ExplainError
+from .imaging import open_image
 from .models import ModelSpec, get_spec, load_model
 from .schema import Limits, RequestOptions, parse_options
-from .service import ExplanationService, ExplainResult, open_image
+from .service import ExplanationService, ExplainResult
 
 __all__ = [
     "ExplainError", "ExplainRequest", "ExplainResult", "Explainer", "Explanation", "ExplanationService",

@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
-from .engine.methods import METHODS
-from .engine.pathways import SELECTIONS
-from .engine.reduce import REDUCTIONS
-from .errors import ExplainError
+from .commands import parse_device, run_main
+from .engine import METHODS, REDUCTIONS, SELECTIONS
+from .errors import ExplainError, UsageError
 from .imaging import COLORMAPS, OVERLAY_TYPES, POLARITIES, VISUALIZATION_OPTIONS, VisualizationSettings
 from .models import ModelLoadError, builtin_names, get_spec, label_aliases, load_labels, spec_for_architecture
 from .schema import Limits, attach_paths, parse_options
@@ -125,22 +121,6 @@ def list_labels(spec) -> int:
     return 0
 
 
-class UsageError(Exception):
-    pass
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but CUDA is not available on this machine")
-    return device
-
-
 def _spec(args):
     if args.arch:
         if args.model:
@@ -217,10 +197,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         options = parse_options(raw, Limits())
         visualization = VisualizationSettings.from_options({name: getattr(args, name)
                                                             for name in VISUALIZATION_OPTIONS})
-        device = _device(args.device)
+        device = parse_device(args.device)
         service = ExplanationService.from_spec(_spec(args), device=device)
         # Validate what does not depend on the image before reading any file.
-        service.explainer.resolve_target(service.explainer.validate(request_of(options)).target)
+        service.explainer.validate(request_of(options))
     except (ExplainError, ModelLoadError, UsageError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
@@ -281,18 +261,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
-        code = run(argv)
-    except KeyboardInterrupt:
-        code = 130
-    except Exception as err:  # a bug, not bad input: still one line, unless asked for the traceback
-        if os.environ.get("PATHWAY_DEBUG") == "1":
-            traceback.print_exc()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"{PROG}: internal error: {type(err).__name__}: {first} (PATHWAY_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        code = 3
-    sys.exit(code)
+    run_main(run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

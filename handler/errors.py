@@ -1,54 +1,79 @@
-"""Errors a caller can fix, shared by the engine, the CLI and the server.
+"""Every error a caller can fix, in one place: a machine-readable ``code`` and a message.
 
-Each carries an HTTP status and a short machine-readable ``type``; the server
-answers ``{"code", "type", "message"}`` with that status, the CLI prints the
-message and exits non-zero.
+The engine, the models, imaging and the service raise these; none of them knows
+HTTP. The server maps a code to a status and a reason phrase in one table
+(:mod:`handler.serving.statuses`) and answers ``{"code", "type", "message"}``;
+the CLI prints the message and exits non-zero. Anything else that escapes a
+request is a bug, which the server answers as a 500 ``internal_error``.
 """
 
 from __future__ import annotations
 
 
 class ExplainError(ValueError):
-    status = 400
-    type = "bad_request"
+    """An error the caller can fix; ``code`` names the cause for programs, the message for people."""
 
-    def __init__(self, message: str, *, type: str | None = None, status: int | None = None):
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None):
         super().__init__(message)
-        if type is not None:
-            self.type = type
-        if status is not None:
-            self.status = status
+        if code is not None:
+            self.code = code
 
     @property
     def message(self) -> str:
         return str(self)
 
-    def to_dict(self) -> dict:
-        return {"code": self.status, "type": self.type, "message": self.message}
+
+class BadRequest(ExplainError):
+    """A request the transport could not read (body, fields, base64, envelope)."""
+
+
+class UnsupportedMediaType(ExplainError):
+    code = "unsupported_media_type"
 
 
 class InvalidOption(ExplainError):
-    type = "invalid_option"
+    code = "invalid_option"
+
+
+class UnknownNameError(InvalidOption):
+    """A name that is not registered (method, selection, reduction, architecture); the message lists the
+    names that are, the code says which registry."""
 
 
 class InvalidTarget(ExplainError):
-    type = "invalid_target"
+    code = "invalid_target"
 
 
 class InvalidImage(ExplainError):
-    type = "invalid_image"
+    code = "invalid_image"
 
 
 class UnsupportedImage(ExplainError):
-    status = 415
-    type = "unsupported_image_format"
+    code = "unsupported_image_format"
 
 
 class ImageTooLarge(ExplainError):
-    status = 413
-    type = "image_too_large"
+    code = "image_too_large"
 
 
 class UnknownModel(ExplainError):
-    status = 404
-    type = "unknown_model"
+    code = "unknown_model"
+
+
+class OutOfMemory(ExplainError):
+    """The request could not be served in the memory there is (its batch neighbours were)."""
+
+    code = "out_of_memory"
+
+
+class InternalError(ExplainError):
+    """A bug met while serving one request: reported as such (and logged with its traceback), never as the
+    caller's fault."""
+
+    code = "internal_error"
+
+
+class UsageError(Exception):
+    """A command line the CLIs cannot run (conflicting flags, a missing file, no CUDA): exit status 2."""

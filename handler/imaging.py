@@ -11,6 +11,7 @@ import functools
 import io
 import math
 import warnings
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -38,7 +39,7 @@ class ImageLimits:
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Bytes to an upright RGB image, or a specific error saying why not."""
     if not data:
-        raise InvalidImage("the request has no image: the body (or image field) is empty", type="empty_image")
+        raise InvalidImage("the request has no image: the body (or image field) is empty", code="empty_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -48,9 +49,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     except UnidentifiedImageError:
         raise InvalidImage(
             f"the data is not an image in a known format ({_describe_bytes(data)}); send JPEG, PNG, WebP, BMP or GIF",
-            type="not_an_image") from None
+            code="not_an_image") from None
     except Exception as err:
-        raise InvalidImage(f"cannot read the image header: {err}", type="corrupt_image") from None
+        raise InvalidImage(f"cannot read the image header: {err}", code="corrupt_image") from None
     if image.format not in limits.formats:
         raise UnsupportedImage(f"image format {image.format} is not accepted; send one of "
                                f"{', '.join(f for f in limits.formats if f != 'MPO')}")
@@ -59,7 +60,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
     if min(width, height) < limits.min_side:
         raise InvalidImage(f"image is {width}x{height}; each side must be at least {limits.min_side} pixels",
-                           type="image_too_small")
+                           code="image_too_small")
     try:
         image.seek(0)  # animated images: the first frame
         image.load()
@@ -68,7 +69,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, struct.error, ...
-        raise InvalidImage(f"the image data is truncated or corrupt: {err}", type="corrupt_image") from None
+        raise InvalidImage(f"the image data is truncated or corrupt: {err}", code="corrupt_image") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -89,6 +90,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+def open_image(source, limits: Optional[ImageLimits] = None) -> Image.Image:
+    """A path, bytes or PIL image as a decoded RGB image (the server's checks)."""
+    limits = limits or ImageLimits()
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(source), limits)
+    return decode_image(Path(source).read_bytes(), limits)
 
 
 def _describe_bytes(data: bytes) -> str:
@@ -281,7 +292,7 @@ class VisualizationSettings:
             name = str(key).strip().lower().replace("-", "_")
             if name not in VISUALIZATION_OPTIONS:
                 raise InvalidOption(f"unknown visualisation setting {key!r}; settings are: "
-                                    f"{', '.join(VISUALIZATION_OPTIONS)}", type="unknown_option")
+                                    f"{', '.join(VISUALIZATION_OPTIONS)}", code="unknown_option")
             if isinstance(value, (bytes, bytearray)):
                 value = bytes(value).decode("utf-8", "replace")
             if value is None or (isinstance(value, str) and not value.strip()):
@@ -301,7 +312,7 @@ def _coerce(name: str, spec: OptionSpec, value: Any) -> Any:
         return spec.coerce(name, value)
     except InvalidOption as err:
         if name == "colormap":
-            err.type = "unknown_colormap"
+            err.code = "unknown_colormap"
         raise
 
 
@@ -310,7 +321,7 @@ def colormap_lut(name: str) -> np.ndarray:
     """The colormap's 256×3 uint8 lookup table, exactly as the ``cmap`` package (and matplotlib) define it."""
     if name not in COLORMAP_SOURCES:
         raise InvalidOption(f"unknown colormap {name!r}; choose one of: {', '.join(COLORMAPS)}",
-                            type="unknown_colormap")
+                            code="unknown_colormap")
     import cmap  # imported on first use: ~0.1 s
 
     lut = (cmap.Colormap(COLORMAP_SOURCES[name]).lut(256)[:, :3] * 255.0).round().astype(np.uint8)

@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .engine.methods import METHODS
+from .engine import METHODS, SELECTIONS, check_sparsity
 from .errors import InvalidOption
 from .imaging import COLORMAPS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, POLARITIES, ImageLimits
 
@@ -99,8 +99,6 @@ class RequestOptions:
 
 def declared_option_names() -> set:
     """Options that some registered method or selection strategy declares (``steps``, ``signed``, ...)."""
-    from .engine.pathways import SELECTIONS
-
     names = set()
     for registry in (METHODS, SELECTIONS):
         for name in registry.names():
@@ -157,7 +155,7 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
             declared = declared if declared is not None else declared_option_names()
             if name not in declared:
                 raise InvalidOption(f"unknown option {key!r}; options are: "
-                                    f"{', '.join(list(OPTION_NAMES) + sorted(declared))}", type="unknown_option")
+                                    f"{', '.join(list(OPTION_NAMES) + sorted(declared))}", code="unknown_option")
             value = _text(value)
             if value is not None and value != "":
                 method_options[name] = value
@@ -173,20 +171,18 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
             raise InvalidOption(f"method must be a string, not {method!r}")
         if method not in METHODS:
             raise InvalidOption(f"unknown method {method!r}; choose one of: "
-                                f"{', '.join(limits.allowed_methods or METHODS.names())}", type="unknown_method")
+                                f"{', '.join(limits.allowed_methods or METHODS.names())}", code="unknown_method")
         if limits.allowed_methods is not None and method not in limits.allowed_methods:
             raise InvalidOption(f"method {method!r} is not enabled on this server; enabled: "
-                                f"{', '.join(limits.allowed_methods)}", type="method_not_allowed", status=403)
+                                f"{', '.join(limits.allowed_methods)}", code="method_not_allowed")
 
     top_k = _integer("top_k", values.get("top_k", limits.default_top_k))
     if not 1 <= top_k <= limits.max_top_k:
-        raise InvalidOption(f"top_k must be between 1 and {limits.max_top_k}, got {top_k}", type="invalid_top_k")
+        raise InvalidOption(f"top_k must be between 1 and {limits.max_top_k}, got {top_k}", code="invalid_top_k")
 
     sparsity = values.get("sparsity")
     if sparsity is not None:
-        sparsity = _number("sparsity", sparsity)
-        if not 0.0 <= sparsity < 1.0:
-            raise InvalidOption(f"sparsity must be in [0, 1), got {sparsity}", type="invalid_sparsity")
+        sparsity = check_sparsity(_number("sparsity", sparsity))
 
     outputs = values.get("outputs", limits.default_outputs)
     if isinstance(outputs, str):
@@ -195,19 +191,19 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
         raise InvalidOption(f"outputs must be a list of names (or a comma-separated string), not {outputs!r}")
     for o in outputs:
         if o not in OUTPUTS:
-            raise InvalidOption(f"unknown output {o!r}; outputs are: {', '.join(OUTPUTS)}", type="unknown_output")
+            raise InvalidOption(f"unknown output {o!r}; outputs are: {', '.join(OUTPUTS)}", code="unknown_output")
 
     colormap = values.get("colormap", limits.default_colormap)
     if colormap not in COLORMAPS:
         raise InvalidOption(f"unknown colormap {colormap!r}; choose one of: {', '.join(COLORMAPS)}",
-                            type="unknown_colormap")
+                            code="unknown_colormap")
     polarity = values.get("polarity", "absolute")
     if polarity not in POLARITIES:
         raise InvalidOption(f"unknown polarity {polarity!r}; choose one of: {', '.join(POLARITIES)}")
 
     target = values.get("target")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (str, int, float))):
-        raise InvalidOption(f"target must be a class index or a label name, not {target!r}", type="invalid_target")
+        raise InvalidOption(f"target must be a class index or a label name, not {target!r}", code="invalid_target")
 
     for name in ("reduce", "selection"):
         if name in values and not isinstance(values[name], str):
@@ -275,7 +271,3 @@ def attach_paths(document: dict, paths: Mapping[str, str]) -> dict:
     for name, path in paths.items():
         document["explanation"][name] = {"media_type": MEDIA_TYPES[name], "path": path}
     return document
-
-
-def error_document(error) -> dict:
-    return error.to_dict()

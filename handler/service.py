@@ -1,40 +1,49 @@
-"""Images and options in, response documents and rendered outputs out.
+"""The request boundary: image bytes and raw options in, response documents and rendered outputs out.
 
-The layer both front ends share: the TorchServe handler only turns HTTP into
-``(image bytes, raw options)`` pairs and documents back into HTTP; the CLI does
-the same with files. A request that is wrong on its own (bad option, target out
-of range) fails alone: :meth:`ExplanationService.explain` returns its error in
-its slot and explains the rest of the batch together.
+Both front ends go through here. The TorchServe handler turns HTTP into
+``(image bytes, raw options)`` per request and documents back into HTTP; the
+CLI does the same with files. One request's way through:
+
+1. :meth:`ExplanationService.prepare` validates it once (the options typed by
+   :func:`~handler.schema.parse_options`, the model's rules and its target by
+   :meth:`Explainer.validate <handler.engine.Explainer.validate>`, the
+   operator's caps and pass budget here), decodes its images, and returns a
+   :class:`Job` (or a job carrying the request's error);
+2. :meth:`ExplanationService.run` serves jobs together (predictions in one
+   engine call, explanations in another) and is the one place a failing request
+   is isolated: when a group fails, each job is retried alone, so only the job
+   that cannot be served gets an error;
+3. each result is a prediction document or an :class:`ExplainResult`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .engine import BatchSplit, Explainer, ExplainRequest, InputNormalisation
-from .errors import ExplainError, InvalidOption
-from .imaging import (Preprocessor, VisualizationSettings, decode_image, npy_bytes, png_bytes, render_heatmap,
-                      render_overlay)
-from .models import LoadedModel, ModelSpec, load_model
-from .schema import Limits, RequestOptions, attach_inline, explanation_document, prediction_document
+from .engine import BatchSplit, ExplainRequest, ValidRequest, is_out_of_memory, release_cached_memory
+from .errors import ExplainError, InternalError, InvalidOption, OutOfMemory
+from .imaging import (Preprocessor, VisualizationSettings, decode_image, npy_bytes, open_image, png_bytes,
+                      render_heatmap, render_overlay)
+from .models import LoadedModel, ModelSpec, explainer_for, load_model
+from .schema import Limits, RequestOptions, attach_inline, explanation_document, parse_options, prediction_document
+
+logger = logging.getLogger(__name__)
+
+#: The passes of an explanation before any costly option: a pathway gradient's forward and backward.
+BASE_PASSES = 2
 
 
 def request_of(options: RequestOptions) -> ExplainRequest:
     """The engine's request for one set of parsed options."""
     return ExplainRequest(target=options.target, method=options.method, sparsity=options.sparsity,
                           reduce=options.reduce, selection=options.selection, options=options.method_options)
-
-
-#: Method and selection options that cost passes per unit, on top of the two of a pathway gradient, and how
-#: many: an integrated-gradient step, a SmoothGrad sample or a resampled copy is about one forward + backward;
-#: a pruning-gate iteration measured ~8 (EfficientNet-Lite0 on 2 CPU cores: 0.3 s against 39 ms per IG step).
-PASS_OPTIONS = {"steps": 1, "samples": 1, "copies": 1, "iterations": 8}
 
 
 class ServiceObserver:
@@ -48,7 +57,30 @@ class ServiceObserver:
         """``stage`` ("engine": the model's passes, "render": PNG/.npy outputs) took ``seconds`` for ``images``."""
 
     def batch_split(self, split: BatchSplit) -> None:
-        """The engine retried a batch in smaller parts (see :mod:`handler.engine.events`)."""
+        """A batch was retried in smaller parts (see :mod:`handler.engine.events`)."""
+
+
+@dataclass(frozen=True)
+class Validated:
+    """One image's options after the single validation step; the engine trusts ``request`` as it is."""
+
+    options: RequestOptions  # what the response documents need (top_k, outputs, colormap, ...)
+    request: ValidRequest
+
+
+@dataclass
+class Job:
+    """One request's images, validated; :meth:`ExplanationService.run` fills ``results`` or ``error``."""
+
+    explain: bool
+    options: list = field(default_factory=list)  # Validated, one per image
+    images: list = field(default_factory=list)  # decoded PIL images
+    results: list = field(default_factory=list)  # ExplainResult (explain) or prediction document, per image
+    error: Optional[ExplainError] = None
+
+    @property
+    def kind(self) -> str:
+        return "explain" if self.explain else "predict"
 
 
 @dataclass
@@ -74,19 +106,8 @@ class ExplanationService:
         self.labels = loaded.labels
         self.limits = limits
         self.preprocessor = Preprocessor(loaded.spec.preprocessing)
-        defaults = loaded.spec.defaults
-        self.explainer = Explainer(
-            loaded.module,
-            labels=loaded.labels,
-            label_aliases=loaded.label_aliases,
-            device=device,
-            default_method=defaults.get("method", "pathway_gradient"),
-            default_sparsity=defaults.get("sparsity", 0.7),
-            default_reduce=defaults.get("reduce", "max_abs"),
-            normalisation=InputNormalisation(loaded.spec.preprocessing.mean, loaded.spec.preprocessing.std),
-            memory_budget=memory_budget,
-            max_batch_size=max_batch_size,
-        )
+        self.explainer = explainer_for(loaded, device=device, memory_budget=memory_budget,
+                                       max_batch_size=max_batch_size)
         self.observer = observer or ServiceObserver()
         self.explainer.on_batch_split = self.observer.batch_split
 
@@ -103,73 +124,49 @@ class ExplanationService:
     def decode(self, data: bytes) -> Image.Image:
         return decode_image(data, self.limits.image)
 
-    def predict(self, images: Sequence[Image.Image], options: Sequence[RequestOptions]) -> list:
-        """One prediction document per image, or the :class:`ExplainError` that request alone caused.
+    # -- the one validation step ------------------------------------------------
 
-        Explanation options sent with a prediction are checked like an explanation's (a bad target or
-        method is a 400 here too, not silently ignored); valid ones have nothing to change.
+    def validate(self, raw: Sequence[Mapping], *, explain: bool, extra_outputs: tuple = ()) -> list:
+        """One :class:`Validated` per image of a request, or the :class:`ExplainError` of the whole request.
+
+        The options are typed (:func:`~handler.schema.parse_options`), checked against the model
+        (:meth:`~handler.engine.Explainer.validate`, target included), the request's passes against the
+        operator's budget (explanations only), and each costly option against the operator's caps.
+        Explanation options sent with a prediction are checked too: a bad target is an error there as well.
         """
-        results, _, valid = self._validated(options)
-        if not valid:
-            return results
-        started = time.perf_counter()
-        probabilities = self.explainer.predict(self.preprocessor.batch([images[i] for i in valid])).cpu().numpy()
-        self.observer.stage("engine", "predict", time.perf_counter() - started, len(valid))
-        for i, p in zip(valid, probabilities):
-            results[i] = prediction_document(self.name, p, self.labels, options[i].top_k)
-        return results
+        parsed = [parse_options(options, self.limits) for options in raw]
+        if extra_outputs:
+            parsed = [replace(o, outputs=o.outputs + tuple(x for x in extra_outputs if x not in o.outputs))
+                      for o in parsed]
+        requests = [self.explainer.validate(request_of(o)) for o in parsed]
+        if explain:
+            self._check_budget(requests)
+        for request in requests:
+            self._check_caps(request)
+        return [Validated(o, r) for o, r in zip(parsed, requests)]
 
-    def _validated(self, options: Sequence[RequestOptions]) -> tuple:
-        """``(results, requests, valid)``: each request checked against the engine and the caps; errors in place."""
-        results: list = [None] * len(options)
-        requests, valid = [], []
-        for i, o in enumerate(options):
-            try:
-                request = self.explainer.validate(request_of(o))
-                self.explainer.resolve_target(request.target)
-                self._check_caps(request)
-            except ExplainError as err:
-                results[i] = err
-                continue
-            requests.append(request)
-            valid.append(i)
-        return results, requests, valid
+    def prepare(self, images: Sequence[bytes], raw: Sequence[Mapping], *, explain: bool,
+                extra_outputs: tuple = ()) -> Job:
+        """A validated, decoded :class:`Job`; what is wrong with the request is in its ``error``, never raised."""
+        job = Job(explain)
+        try:
+            job.options = self.validate(raw, explain=explain, extra_outputs=extra_outputs)
+            job.images = [self.decode(data) for data in images]
+        except ExplainError as err:
+            job.error = err
+        except MemoryError:
+            job.error = OutOfMemory("out of memory while decoding the image; send a smaller one")
+        return job
 
-    def explain(
-        self,
-        images: Sequence[Image.Image],
-        options: Sequence[RequestOptions],
-        *,
-        attribution_dtype=np.float16,
-        visualization: Optional[VisualizationSettings] = None,
-    ) -> list:
-        """One :class:`ExplainResult` per image, or the :class:`ExplainError` that request alone caused.
-
-        ``visualization`` draws every image's heatmap and overlay (the CLI's flags); None: each request's
-        ``colormap`` and ``polarity`` with the default settings.
-        """
-        results, requests, valid = self._validated(options)
-        if not valid:
-            return results
-        started = time.perf_counter()
-        batch = self.preprocessor.batch([images[i] for i in valid])
-        explanations = self.explainer.explain_requests(batch, requests)
-        rendering = time.perf_counter()
-        self.observer.stage("engine", "explain", rendering - started, len(valid))
-        for i, explanation in zip(valid, explanations):
-            results[i] = self._render(images[i], options[i], explanation, attribution_dtype, visualization)
-        self.observer.stage("render", "explain", time.perf_counter() - rendering, len(valid))
-        return results
-
-    def explanation_passes(self, options: RequestOptions) -> int:
-        """About how many forward + backward passes explaining one image with these options costs."""
-        request = self.explainer.validate(request_of(options))
-        specs = self.explainer.option_specs(request.method, request.selection)
+    def explanation_passes(self, options: Union[RequestOptions, ValidRequest]) -> int:
+        """About how many forward + backward passes explaining one image costs, from the options' declared costs."""
+        request = options if isinstance(options, ValidRequest) else self.explainer.validate(request_of(options))
         given = dict(request.options)
-        return 2 + sum(weight * int(given.get(name, specs[name].default))
-                       for name, weight in PASS_OPTIONS.items() if name in specs)
+        specs = self.explainer.option_specs(request.method, request.selection)
+        return BASE_PASSES + sum(spec.passes * int(given.get(name, spec.default))
+                                 for name, spec in specs.items() if spec.passes)
 
-    def check_request_cost(self, options: Sequence[RequestOptions]) -> None:
+    def _check_budget(self, requests: Sequence[ValidRequest]) -> None:
         """Refuse one request (all its images) whose explanation passes exceed ``max_passes_per_request``.
 
         Bounds the work a batch can hold a worker for (TorchServe kills a worker past ``responseTimeout``).
@@ -177,26 +174,141 @@ class ExplanationService:
         limit = self.limits.max_passes_per_request
         if limit is None:
             return
-        passes = sum(self.explanation_passes(o) for o in options)
+        passes = sum(self.explanation_passes(r) for r in requests)
         if passes > limit:
             raise InvalidOption(
-                f"this request costs about {passes} forward/backward passes ({len(options)} image(s)); this "
+                f"this request costs about {passes} forward/backward passes ({len(requests)} image(s)); this "
                 f"server allows {limit} per request: send fewer images per request, or fewer steps, samples, "
-                "iterations or copies", type="over_limit")
+                "iterations or copies", code="over_limit")
 
-    def _check_caps(self, request: ExplainRequest) -> None:
+    def _check_caps(self, request: ValidRequest) -> None:
         for name, value in request.options:
             cap = self.limits.method_caps.get(name)
             if cap is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
-                raise InvalidOption(f"{name} = {value} exceeds this server's limit of {cap}", type="over_limit")
+                raise InvalidOption(f"{name} = {value} exceeds this server's limit of {cap}", code="over_limit")
+
+    def _checked(self, options: Sequence[RequestOptions]) -> tuple:
+        """``(results, validated, valid)``: each image's options validated alone, its error in its slot."""
+        results: list = [None] * len(options)
+        checked, valid = [], []
+        for i, o in enumerate(options):
+            try:
+                request = self.explainer.validate(request_of(o))
+                self._check_caps(request)
+            except ExplainError as err:
+                results[i] = err
+                continue
+            checked.append(Validated(o, request))
+            valid.append(i)
+        return results, checked, valid
+
+    # -- serving ----------------------------------------------------------------
+
+    def run(self, jobs: Sequence[Job]) -> None:
+        """Serve every job without an error: predictions in one engine call, explanations in another.
+
+        The one place a failing request is isolated: when a group fails (out of memory, or a request error
+        the engine finds only while running, such as a Grad-CAM layer name), each of its jobs is retried
+        alone, and a job that fails alone gets its own error: its request error, ``out_of_memory``, or
+        ``internal_error`` for a bug (logged with its traceback). The engine itself retries a pass that ran
+        out of memory in smaller batches; what reaches this point failed even so.
+        """
+        for explain in (False, True):
+            members = [job for job in jobs if job.error is None and job.explain is explain]
+            if not members:
+                continue
+            try:
+                self._run_group(members, explain)
+            except Exception as err:  # noqa: BLE001 - isolated below, request by request
+                if len(members) == 1:
+                    members[0].error = self._failure(err, members[0].kind)
+                    continue
+                if not isinstance(err, ExplainError):
+                    release_cached_memory(self.device)
+                oom = is_out_of_memory(err)
+                if oom:
+                    self.observer.batch_split(BatchSplit(size=sum(len(j.images) for j in members),
+                                                         parts=tuple(len(j.images) for j in members),
+                                                         source="handler"))
+                log = logger.warning if isinstance(err, ExplainError) else logger.error
+                log("batch of %d %s requests failed%s; retrying them one by one: %s", len(members),
+                    members[0].kind, " (out of memory)" if oom else "", err, exc_info=not isinstance(err, ExplainError))
+                for job in members:
+                    try:
+                        self._run_group([job], explain)
+                    except Exception as alone:  # noqa: BLE001 - isolated to this request
+                        job.error = self._failure(alone, job.kind)
+
+    def _failure(self, err: BaseException, kind: str) -> ExplainError:
+        """The error of a job that failed on its own (called inside its ``except`` block, for the traceback)."""
+        if isinstance(err, ExplainError):
+            return err
+        release_cached_memory(self.device)
+        logger.error("a %s request failed on its own", kind, exc_info=True)
+        if is_out_of_memory(err):
+            return OutOfMemory("out of memory while serving this request; retry later, or with fewer images or "
+                               "smaller outputs")
+        return InternalError(f"the explanation failed: {type(err).__name__}: {err}")
+
+    def _run_group(self, jobs: Sequence[Job], explain: bool) -> None:
+        images = [image for job in jobs for image in job.images]
+        options = [o for job in jobs for o in job.options]
+        results = self._explain(images, options, np.float16) if explain else self._predict(images, options)
+        start = 0
+        for job in jobs:
+            job.results = results[start:start + len(job.images)]
+            start += len(job.images)
+
+    def _predict(self, images: Sequence[Image.Image], options: Sequence[Validated]) -> list:
+        started = time.perf_counter()
+        probabilities = self.explainer.predict(self.preprocessor.batch(images)).cpu().numpy()
+        self.observer.stage("engine", "predict", time.perf_counter() - started, len(images))
+        return [prediction_document(self.name, p, self.labels, o.options.top_k) for p, o in zip(probabilities, options)]
+
+    def _explain(self, images: Sequence[Image.Image], options: Sequence[Validated], attribution_dtype,
+                 visualization: Optional[VisualizationSettings] = None) -> list:
+        started = time.perf_counter()
+        explanations = self.explainer.explain_requests(self.preprocessor.batch(images), [o.request for o in options])
+        rendering = time.perf_counter()
+        self.observer.stage("engine", "explain", rendering - started, len(images))
+        results = [self._render(image, o.options, explanation, attribution_dtype, visualization)
+                   for image, o, explanation in zip(images, options, explanations)]
+        self.observer.stage("render", "explain", time.perf_counter() - rendering, len(images))
+        return results
+
+    # -- one batch of images, each with its own options (CLI, notebooks, tests) ---
+
+    def predict(self, images: Sequence[Image.Image], options: Sequence[RequestOptions]) -> list:
+        """One prediction document per image, or the :class:`ExplainError` that image's options alone caused.
+
+        Explanation options sent with a prediction are checked like an explanation's (a bad target or
+        method is an error here too, not silently ignored); valid ones have nothing to change.
+        """
+        results, checked, valid = self._checked(options)
+        if valid:
+            for i, document in zip(valid, self._predict([images[i] for i in valid], checked)):
+                results[i] = document
+        return results
+
+    def explain(self, images: Sequence[Image.Image], options: Sequence[RequestOptions], *,
+                attribution_dtype=np.float16, visualization: Optional[VisualizationSettings] = None) -> list:
+        """One :class:`ExplainResult` per image, or the :class:`ExplainError` that image's options alone caused.
+
+        ``visualization`` draws every image's heatmap and overlay (the CLI's flags); None: each request's
+        ``colormap`` and ``polarity`` with the default settings.
+        """
+        results, checked, valid = self._checked(options)
+        if valid:
+            explained = self._explain([images[i] for i in valid], checked, attribution_dtype, visualization)
+            for i, result in zip(valid, explained):
+                results[i] = result
+        return results
 
     def explain_images(self, images: Sequence, **options) -> list:
         """Notebook convenience: paths, bytes or PIL images, and options as keywords (the server's names).
 
         Raises the first request error instead of returning it.
         """
-        from .schema import parse_options
-
         opts = parse_options(options, self.limits)
         decoded = [open_image(source, self.limits.image) for source in images]
         results = self.explain(decoded, [opts] * len(decoded), attribution_dtype=np.float32)
@@ -227,16 +339,3 @@ class ExplanationService:
         realised = explanation.pathway.get("realised_sparsity") if explanation.pathway else None
         return ExplainResult(document, artifacts, explanation.attribution, realised)
 
-
-def open_image(source, limits=None) -> Image.Image:
-    """A path, bytes or PIL image as a decoded RGB image (same checks as the server)."""
-    from .imaging import ImageLimits
-
-    limits = limits or ImageLimits()
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(source), limits)
-    from pathlib import Path
-
-    return decode_image(Path(source).read_bytes(), limits)

@@ -213,7 +213,7 @@ def test_bad_settings_are_refused_with_a_specific_message(raw, message):
 def test_unknown_colormap_keeps_its_error_type():
     with pytest.raises(InvalidOption) as caught:
         VisualizationSettings.from_options({"colormap": "rainbow"})
-    assert caught.value.type == "unknown_colormap"
+    assert caught.value.code == "unknown_colormap"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,7 +7,7 @@ scores copied to the host and the threshold taken there with NumPy, one float
 mask per site sent back to the device, and a second hooked pass that
 multiplies each activation output by its mask. It selects exactly the same
 neurons as the engine (same scores, same order statistic, same ties rule), so
-its maps match the engine's (``tests/test_benchmark_naive.py``); only the
+its maps match the engine's (``tests/benchmarks/test_benchmark_naive.py``); only the
 speed differs.
 """
 

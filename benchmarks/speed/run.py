@@ -37,8 +37,9 @@ from benchmarks.common import PeakMemory, git_revision, machine, sync, write_res
 from benchmarks.speed.naive import naive_pathway_gradient  # noqa: E402
 from handler.engine import METHODS, Explainer, explaining  # noqa: E402
 from handler.engine.methods import input_gradient  # noqa: E402
-from handler.engine.pathways import (  # noqa: E402
-    _abs_contribution, keep_above_quantile, run_along, score_neurons, select_by_contribution)
+from handler.engine.contribution import _abs_contribution, score_neurons, select_by_contribution  # noqa: E402
+from handler.engine.pathways import run_along  # noqa: E402
+from handler.engine.threshold import keep_above_quantile  # noqa: E402
 from handler.models import load_model, spec_for_architecture  # noqa: E402
 
 ALL_METHODS = ("vanilla", "pathway", "explainer", "naive", "ig15", "ig50")
@@ -216,7 +217,7 @@ def markdown(rows: list, info: dict, device: torch.device, args, wall_s: float, 
     lines += ["", f"## Peak memory per call, MiB ({unit})", ""]
     if device.type == "cpu":
         lines += ["On the CPU the engine keeps its [B, N] score buffer between calls (a per-thread workspace, "
-                  "`pathways.SCORE_WORKSPACE_BYTES`), so it is resident before the call and not in the pathway "
+                  "`contribution.SCORE_WORKSPACE_BYTES`), so it is resident before the call and not in the pathway "
                   "columns; its size (B x N x 4 bytes) is the last column. The naive version holds one image at a "
                   "time.", ""]
     extra = " | score buffer (workspace) |" if device.type == "cpu" else " |"

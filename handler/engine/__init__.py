@@ -1,27 +1,45 @@
 """The framework-neutral explanation engine: no HTTP, no TorchServe, no files.
 
-- :mod:`.sites` instruments activation call sites (the only module that touches a model's forward);
-- :mod:`.pathways` selects pathways (registered strategies) and runs a network along one;
-- :mod:`.methods` turns a model and a batch into attribution maps (registered methods), with the
-  baselines (integrated gradients, SmoothGrad, Grad-CAM, guided backprop, ...) in :mod:`.baselines`;
-- :mod:`.selections` holds the other pathway selections (random, pruning gates, input resampling);
-- :mod:`.reduce` reduces channels; :mod:`.explainer` ties them together per batch;
-- :mod:`.batching` sizes batches from a memory budget and splits them after an out-of-memory.
+What a user of the engine imports is here; everything else is an internal of its module.
+
+Explaining (the front door, :mod:`.explainer`):
+    :class:`Explainer` (``validate`` a request once, ``explain_requests`` / ``explain`` / ``predict``),
+    :class:`ExplainRequest` (what one sample asks for), :class:`ValidRequest` (a request ``validate``
+    accepted, run without another check), :class:`Explanation` (one sample's result), :data:`DEFAULTS`
+    (method, sparsity, reduction and selection a request gets when it names none), :func:`explaining`
+    (the model state an explanation needs, restored after), :class:`InputNormalisation`.
+
+Extending (registries: new strategies are registered, not special-cased):
+    :data:`METHODS` / :func:`register_method` with :class:`Attribution`, :data:`SELECTIONS` /
+    :func:`register_selection` with :class:`Pathway`, :data:`REDUCTIONS`, :class:`OptionSpec` (an option's
+    type, bounds and cost in passes), :func:`check_sparsity` (the one sparsity rule), :class:`Registry`.
+
+Activation sites (:mod:`.sites`, the one place that instruments a model):
+    :func:`instrument`, :class:`Site`, :class:`SiteLayout`, :class:`SiteCall`, :class:`SiteMismatchError`,
+    :func:`observe_network` (logits, layout and which neurons are alive), and :func:`run_along` (a forward
+    pass along a pathway).
+
+Memory (:mod:`.batching`, :mod:`.events`):
+    :class:`MemoryBudget`, :class:`BatchSplit` (reported through ``Explainer.on_batch_split``),
+    :func:`is_out_of_memory`, :func:`release_cached_memory`.
 """
 
-from . import baselines, selections  # noqa: F401  (registers the baseline methods and selection strategies)
-from .batching import BatchPlanner, MemoryBudget
-from .events import BatchSplit, report_split
-from .explainer import Explainer, ExplainRequest, Explanation, explaining
+from . import baselines, contribution, selections  # noqa: F401  (registers methods and selection strategies)
+from .batching import MemoryBudget, is_out_of_memory, release_cached_memory
+from .events import BatchSplit
+from .explainer import DEFAULTS, Explainer, ExplainRequest, Explanation, ValidRequest, explaining
 from .methods import METHODS, Attribution, register_method
 from .normalisation import InputNormalisation
-from .pathways import SELECTIONS, Pathway, keep_above_quantile, run_along
+from .options import OptionSpec, check_sparsity
+from .pathways import SELECTIONS, Pathway, register_selection, run_along
 from .reduce import REDUCTIONS
-from .sites import Site, SiteLayout, SiteMismatchError, instrument, trace_sites
+from .registry import Registry
+from .selections import observe_network
+from .sites import Site, SiteCall, SiteLayout, SiteMismatchError, instrument
 
 __all__ = [
-    "Attribution", "BatchPlanner", "BatchSplit", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
-    "METHODS", "MemoryBudget", "Pathway", "REDUCTIONS", "SELECTIONS", "Site", "SiteLayout", "SiteMismatchError",
-    "explaining", "instrument", "keep_above_quantile", "register_method", "report_split", "run_along",
-    "trace_sites",
+    "Attribution", "BatchSplit", "DEFAULTS", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
+    "METHODS", "MemoryBudget", "OptionSpec", "Pathway", "REDUCTIONS", "Registry", "SELECTIONS", "Site", "SiteCall",
+    "SiteLayout", "SiteMismatchError", "ValidRequest", "check_sparsity", "explaining", "instrument", "is_out_of_memory",
+    "observe_network", "register_method", "register_selection", "release_cached_memory", "run_along",
 ]

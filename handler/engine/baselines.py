@@ -132,7 +132,8 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("integrated_gradients", uses_normalisation=True, options={
-    "steps": OptionSpec(int, 50, minimum=2, maximum=256, help="points on the path from the baseline to the input"),
+    "steps": OptionSpec(int, 50, minimum=2, maximum=256, help="points on the path from the baseline to the input",
+                        passes=1, server_cap=128),
     "baseline": OptionSpec(str, "black", choices=BASELINES,
                            help="black (black in pixel space), zero (all-zero normalised input) or blur"),
     "integration": OptionSpec(str, "gausslegendre", choices=INTEGRATION_RULES,
@@ -187,7 +188,7 @@ def integrated_gradients(
 
 
 @register_method("smoothgrad", options={
-    "samples": OptionSpec(int, 50, minimum=1, maximum=256, help="noisy copies averaged"),
+    "samples": OptionSpec(int, 50, minimum=1, maximum=256, help="noisy copies averaged", passes=1, server_cap=64),
     "noise": OptionSpec(float, 0.15, minimum=0.0, maximum=1.0,
                         help="noise σ as a fraction of each input's value range (max - min)"),
     "seed": OptionSpec(int, 0, minimum=0, maximum=MAX_SEED, help="seed of the noise (same seed, same map)"),
@@ -251,7 +252,7 @@ def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
             with capture_module_output(model, layer) as captured:
                 logits = model(x)
         except UncapturableOutputError as err:
-            raise InvalidOption(str(err), type="invalid_layer") from None
+            raise InvalidOption(str(err), code="invalid_layer") from None
         return captured, logits
     captured = CapturedOutput()
     with instrument(model, capture_site_output(lambda site: site.name == layer, captured)) as recorder:
@@ -259,7 +260,7 @@ def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
     if not captured.captured:
         last = ", ".join(site.name for site in recorder.layout.sites[-3:])
         raise InvalidOption(f"layer {layer!r} is neither a module of this model nor one of its activation sites "
-                            f"(the last sites are {last})", type="invalid_layer")
+                            f"(the last sites are {last})", code="invalid_layer")
     return captured, logits
 
 
@@ -279,10 +280,10 @@ def grad_cam(model, x, targets, *, layer: str = "auto") -> Attribution:
         activation = captured.tensor
     except UncapturableOutputError as err:
         raise InvalidOption(f"grad_cam: {err}; name another layer with the 'layer' option",
-                            type="invalid_layer") from None
+                            code="invalid_layer") from None
     if activation.dim() != 4:
         raise InvalidOption(f"grad_cam needs a [B, C, H, W] layer output; {captured.source} gives "
-                            f"{tuple(activation.shape)}", type="invalid_layer")
+                            f"{tuple(activation.shape)}", code="invalid_layer")
     resolved = resolve_targets(logits.detach(), targets)
     (grad,) = torch.autograd.grad(target_sum(logits, resolved), activation)
     channel_weights = grad.mean(dim=(2, 3), keepdim=True)
@@ -333,7 +334,7 @@ def guided_backprop(model, x, targets) -> Attribution:
     never opens a path the forward pass closed. Captum's own ``GuidedBackprop``
     rectifies ``nn.ReLU`` modules only, so on a ReLU6 network such as
     EfficientNet-Lite0 it silently returns the plain gradient; its rule applied to
-    ReLU6 modules is what this computes (see ``tests/test_captum_crosscheck.py``).
+    ReLU6 modules is what this computes (see ``tests/engine/test_captum_crosscheck.py``).
     Leaky ReLU and PReLU sites are rectified the same way.
     """
     with instrument(model, rectify_site_gradient, name_sites=False):

@@ -14,6 +14,7 @@ an out-of-memory degrades to smaller batches instead of failing the requests.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -27,8 +28,8 @@ import torch
 DEFAULT_CUDA_FRACTION = 0.8
 #: Share of the available RAM (``MemAvailable``) a pass may use on the CPU; TorchServe may run several workers.
 DEFAULT_CPU_FRACTION = 0.25
-#: Peak bytes per neuron and sample assumed before anything is measured. Measured on the CPU (float32,
-#: 224²): pathway gradient 14–20 (EfficientNet-Lite0 18–19, ResNet-50 14–20), vanilla gradient 10–15.
+#: Peak bytes per neuron and sample assumed before anything is measured: above what the pathway gradient
+#: and the vanilla gradient were measured to need (benchmarks/speed/README.md), so a first batch fits.
 DEFAULT_BYTES_PER_NEURON = 24
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -178,6 +179,16 @@ class PeakMemory:
 
 
 def release_cached_memory(device: torch.device) -> None:
-    """Give cached blocks back after an out-of-memory error, so the smaller retry starts from a clean cache."""
+    """Give memory back after a failed pass (the failure's tensors are garbage once its traceback is gone), so
+    the smaller retry starts from a clean cache."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA or host allocation failures: torch raises ``RuntimeError`` ("can't allocate memory") for the latter."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text

@@ -17,17 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidOption, InvalidTarget
+from ..errors import InvalidOption
 from .batching import BatchPlanner, MemoryBudget, PeakMemory, release_cached_memory
 from .events import BatchSplit, BatchSplitListener, report_split
 from .methods import METHODS, Attribution
 from .normalisation import InputNormalisation
-from .pathways import SELECTIONS
+from .options import check_sparsity
+from .pathways import SELECTIONS, pathway_notes
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
-from .registry import UnknownNameError
 from .sites import NoActivationSitesError, instrument, out_of_place_transform
+from .targets import ClassNames, Target
 
-Target = Union[int, str, None]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,19 @@ class ExplainRequest:
     reduce: Optional[str] = None
     selection: Optional[str] = None
     options: tuple = ()  # extra method options as sorted (name, value) pairs
+
+
+@dataclass(frozen=True)
+class ValidRequest(ExplainRequest):
+    """A request :meth:`Explainer.validate` accepted: defaults filled in, options typed and within their
+    bounds, the target resolved to ``class_index`` (``-1``: the predicted class). The engine runs it
+    without checking it again."""
+
+    class_index: int = -1
+
+
+#: What a request that names no method, sparsity, reduction or selection gets; a model spec may set its own.
+DEFAULTS = ExplainRequest(method="pathway_gradient", sparsity=0.7, reduce="max_abs", selection="contribution")
 
 
 @dataclass
@@ -66,7 +79,7 @@ class Explanation:
 def explaining(model: nn.Module) -> Iterator[None]:
     """Eval mode, frozen parameters and autograd on, for the duration; the model's own state comes back after."""
     # Only what needs changing is changed (and restored): model.eval()/train() walk every module through
-    # nn.Module.__setattr__, ~2 ms per call for EfficientNet-Lite0, 4 % of one of its gradients.
+    # nn.Module.__setattr__, a visible share of a small model's gradient (benchmarks/speed/README.md).
     training = [m for m in model.modules() if m.training]
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
@@ -104,10 +117,10 @@ class Explainer:
         labels: Optional[Sequence[str]] = None,
         label_aliases: Optional[dict] = None,
         device: Union[str, torch.device, None] = None,
-        default_method: str = "pathway_gradient",
-        default_sparsity: float = 0.7,
-        default_reduce: str = "max_abs",
-        default_selection: str = "contribution",
+        default_method: str = DEFAULTS.method,
+        default_sparsity: float = DEFAULTS.sparsity,
+        default_reduce: str = DEFAULTS.reduce,
+        default_selection: str = DEFAULTS.selection,
         normalisation: Optional[InputNormalisation] = None,
         memory_budget: Union[MemoryBudget, int, str, None] = None,
         max_batch_size: Optional[int] = None,
@@ -118,8 +131,7 @@ class Explainer:
         self.model = model.to(self.device)
         self.planner = BatchPlanner(MemoryBudget.parse(memory_budget, max_batch_size), self.device)
         self._neurons: dict = {}  # input shape (no batch) -> neurons per sample
-        self.labels = list(labels) if labels is not None else None
-        self._label_index = _label_index(self.labels, label_aliases or {}) if self.labels else {}
+        self.classes = ClassNames(labels, label_aliases)
         self.normalisation = normalisation if normalisation is not None else InputNormalisation()
         self.defaults = ExplainRequest(
             target=None, method=default_method, sparsity=default_sparsity,
@@ -130,64 +142,33 @@ class Explainer:
     # -- validation ---------------------------------------------------------
 
     @property
+    def labels(self) -> Optional[list]:
+        return self.classes.labels
+
+    @property
     def num_classes(self) -> Optional[int]:
-        return len(self.labels) if self.labels else None
+        return self.classes.num_classes
 
     def label(self, index: int) -> str:
-        return self.labels[index] if self.labels else str(index)
+        return self.classes.label(index)
 
     def resolve_target(self, target: Target) -> int:
         """A class index (or ``-1`` for "the predicted class") from an index or a label name."""
-        if target is None or (isinstance(target, str) and target.strip().lower() in ("", "auto", "predicted")):
-            return -1
-        if isinstance(target, bool):
-            raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
-        if isinstance(target, str):
-            text = target.strip()
-            digits = text[1:] if text.startswith("-") else text
-            if digits.isascii() and digits.isdigit():  # not "²" or "٣", which isdigit() also accepts
-                if len(digits) > 18:  # far out of range; int() of thousands of digits would raise
-                    raise InvalidTarget(f"target {text[:24]}… is out of range", type="target_out_of_range")
-                return self.resolve_target(int(text))
-            hits = self._label_index.get(text.lower())
-            if not hits:
-                raise InvalidTarget(f"unknown class label {text!r}" + (
-                    "" if self.labels else " (this model has no class names; give a class index)"),
-                    type="unknown_label")
-            if len(hits) > 1:
-                named = ", ".join(f"{i} {self.labels[i]!r}" for i in hits)
-                raise InvalidTarget(f"class label {text!r} names several classes ({named}); give the index or the "
-                                    "full label", type="ambiguous_label")
-            return hits[0]
-        if isinstance(target, float) and target.is_integer():
-            target = int(target)
-        if not isinstance(target, int):
-            raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
-        limit = self.num_classes
-        if target < 0 or (limit is not None and target >= limit):
-            bound = f"0..{limit - 1}" if limit is not None else "a non-negative index"
-            raise InvalidTarget(f"target {target} is out of range: this model's classes are {bound}",
-                                type="target_out_of_range")
-        return target
+        return self.classes.resolve(target)
 
-    def validate(self, request: ExplainRequest) -> ExplainRequest:
-        """The request with defaults filled in; raises :class:`InvalidOption` naming what is wrong."""
+    def validate(self, request: ExplainRequest) -> ValidRequest:
+        """The request with defaults filled in and its target resolved; raises :class:`InvalidOption` or
+        :class:`InvalidTarget` naming what is wrong. Every rule of a request is checked here, once."""
         method = request.method or self.defaults.method
         reduce = request.reduce or self.defaults.reduce
         selection = request.selection or self.defaults.selection
         sparsity = self.defaults.sparsity if request.sparsity is None else request.sparsity
         for registry, name in ((METHODS, method), (REDUCTIONS, reduce), (SELECTIONS, selection)):
-            try:
-                registry.get(name)
-            except UnknownNameError as err:
-                raise InvalidOption(str(err), type=f"unknown_{registry.what.split()[-1]}") from None
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise InvalidOption(f"sparsity must be a number in [0, 1), not {sparsity!r}", type="invalid_sparsity")
-        sparsity = float(sparsity)
-        if not 0.0 <= sparsity < 1.0:
-            raise InvalidOption(f"sparsity must be in [0, 1), got {sparsity}", type="invalid_sparsity")
-        return ExplainRequest(request.target, method, sparsity, reduce, selection,
-                              self._validate_options(method, selection, dict(request.options)))
+            registry.get(name)  # raises UnknownNameError, coded after the registry
+        sparsity = check_sparsity(sparsity)
+        options = self._validate_options(method, selection, dict(request.options))
+        return ValidRequest(request.target, method, sparsity, reduce, selection, options,
+                            class_index=self.resolve_target(request.target))
 
     def option_specs(self, method: str, selection: str) -> dict:
         """The options a request may set for this method (and, if it follows a pathway, this selection)."""
@@ -206,7 +187,7 @@ class Explainer:
                 accepted = ", ".join(sorted(specs)) or "none"
                 raise InvalidOption(f"option {name!r} does not apply to method {method!r}"
                                     + (f" with selection {selection!r}" if METHODS.get(method).uses_pathway else "")
-                                    + f" (it accepts: {accepted})", type="unknown_option")
+                                    + f" (it accepts: {accepted})", code="unknown_option")
             out[name] = spec.coerce(name, value)
         return tuple(sorted(out.items()))
 
@@ -247,12 +228,15 @@ class Explainer:
         return self.explain_requests(x, requests)
 
     def explain_requests(self, x: torch.Tensor, requests: Sequence[ExplainRequest]) -> list:
-        """One explanation per request; requests that share a method and options run as one batch."""
+        """One explanation per request; requests that share a method and options run as one batch.
+
+        A :class:`ValidRequest` (from :meth:`validate`) is trusted as it is; any other request is validated
+        first."""
         if x.dim() != 4 or x.shape[0] != len(requests):
             raise ValueError(f"expected a [B, C, H, W] batch with one request per sample, got {tuple(x.shape)} "
                              f"and {len(requests)} requests")
-        requests = [self.validate(r) for r in requests]
-        resolved = [self.resolve_target(r.target) for r in requests]
+        requests = [r if isinstance(r, ValidRequest) else self.validate(r) for r in requests]
+        resolved = [r.class_index for r in requests]
         groups: dict = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.method, r.selection, r.options), []).append(i)
@@ -332,20 +316,12 @@ class Explainer:
         summaries = attribution.pathway.summaries() if attribution.pathway is not None else None
         probs = probs.cpu().numpy()
         targets = attribution.targets.cpu().tolist()
+        zero_note = METHODS.get(method).zero_note
         out = []
         for b, request in enumerate(requests):
-            notes = []
-            if summaries is not None and not summaries[b]["locally_linear"]:
-                notes.append(
-                    "the model has non-piecewise-linear activations ("
-                    + ", ".join(summaries[b]["nonlinear_activations"])
-                    + "): the pathway is masked as usual, but it is not exactly linear around the input")
+            notes = [] if summaries is None else pathway_notes(summaries[b])
             if scales[request.reduce][b] <= ZERO_MAP_EPS:
-                notes.append(
-                    "the attribution is zero: the target logit does not depend on the input along this path "
-                    "(at high sparsity a pathway can lose the target)" if summaries is not None else
-                    f"the attribution is zero everywhere: {method} finds no input evidence for the target "
-                    "(Grad-CAM is zero where every position of its layer weighs against it)")
+                notes.append(zero_note)
             out.append(Explanation(
                 method=method,
                 reduce=request.reduce,
@@ -389,22 +365,9 @@ def _neurons_in(recorder) -> int:
 def _per_sample(value, batch: int, what: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != batch:
-            raise InvalidOption(f"{what}: got {len(value)} values for a batch of {batch}")
+            raise ValueError(f"{what}: got {len(value)} values for a batch of {batch}")  # the caller's bug
         return list(value)
     return [value] * batch
-
-
-def _label_index(labels: Sequence[str], aliases: dict) -> dict:
-    """Lower-case name -> class indices; ``aliases`` adds names that stand for several classes (a class
-    renamed to tell it from another keeps matching its original name, which then names both)."""
-    index: dict = {}
-    for i, name in enumerate(labels):
-        index.setdefault(name.lower(), []).append(i)
-    for name, indices in aliases.items():
-        hits = index.setdefault(name.lower(), [])
-        hits.extend(i for i in indices if i not in hits and 0 <= i < len(labels))
-        hits.sort()
-    return index
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -37,12 +37,16 @@ class Method:
     summary: str
     options: Mapping[str, OptionSpec] = field(default_factory=dict)
     uses_normalisation: bool = False  # called with ``normalisation=`` (an InputNormalisation) by the Explainer
+    zero_note: str = ""  # the response's note when this method's map is zero everywhere
 
     def __call__(self, model, x, targets, **options) -> Attribution:
         return self.fn(model, x, targets, **options)
 
 
-METHODS: Registry = Registry("explanation method")
+PATHWAY_ZERO_NOTE = ("the attribution is zero: the target logit does not depend on the input along this path "
+                     "(at high sparsity a pathway can lose the target)")
+
+METHODS: Registry = Registry("explanation method", "unknown_method")
 
 
 def register_method(
@@ -51,17 +55,24 @@ def register_method(
     uses_pathway: bool = False,
     options: Optional[Mapping[str, OptionSpec]] = None,
     uses_normalisation: bool = False,
+    zero_note: Optional[str] = None,
 ):
     """Register ``fn(model, x, targets, **options) -> Attribution``; ``options`` are what a request may set.
 
     ``uses_normalisation``: the method needs to know what the input looks like in
     pixel space (a black baseline) and accepts ``normalisation=InputNormalisation``.
+    ``zero_note``: what a map that is zero everywhere means for this method (default: said for pathway
+    methods and for the others in general).
     """
+    if zero_note is None:
+        zero_note = PATHWAY_ZERO_NOTE if uses_pathway else (
+            f"the attribution is zero everywhere: {name} finds no input evidence for the target "
+            "(Grad-CAM is zero where every position of its layer weighs against it)")
 
     def decorate(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
         METHODS.register(name)(Method(name, fn, uses_pathway, doc[0] if doc else name, dict(options or {}),
-                                      uses_normalisation))
+                                      uses_normalisation, zero_note))
         return fn
     return decorate
 

@@ -18,6 +18,11 @@ class OptionSpec:
     maximum: Optional[float] = None
     choices: Optional[tuple] = None
     help: str = ""
+    #: Forward + backward passes one unit of this option adds to an explanation (an integrated-gradients
+    #: step: 1); the per-request pass budget is computed from these, whatever the option is called.
+    passes: int = 0
+    #: The most a server allows by default (the archive's ``method_caps``); ``None``: the bounds alone.
+    server_cap: Optional[float] = None
 
     def coerce(self, name: str, value: Any) -> Any:
         """Turn a JSON value or text (multipart, header, CLI flag) into this option's type, or say why not."""
@@ -58,6 +63,16 @@ class OptionSpec:
         if self.maximum is not None and out > self.maximum:
             raise InvalidOption(f"{name} must be at most {self.maximum}, got {out}")
         return out
+
+
+def check_sparsity(value: Any) -> float:
+    """The one sparsity rule (a request's, a model spec's default's): a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidOption(f"sparsity must be a number in [0, 1), not {value!r}", code="invalid_sparsity")
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise InvalidOption(f"sparsity must be in [0, 1), got {value}", code="invalid_sparsity")
+    return value
 
 
 def _article(kind: type) -> str:

@@ -6,7 +6,7 @@ import torch
 
 from .registry import Registry
 
-REDUCTIONS: Registry = Registry("channel reduction")
+REDUCTIONS: Registry = Registry("channel reduction", "unknown_reduction")
 
 
 @REDUCTIONS.register("max_abs")

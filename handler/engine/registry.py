@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from ..errors import UnknownNameError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(ValueError):
-    """A name that is not registered; the message lists the names that are."""
-
-
 class Registry(Generic[T]):
-    def __init__(self, what: str):
+    def __init__(self, what: str, unknown: str):
+        """``what`` names an entry in messages ("explanation method"); ``unknown`` is the error code of a name
+        that is not registered ("unknown_method")."""
         self.what = what
+        self.unknown = unknown
         self._entries: dict = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -29,7 +30,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise UnknownNameError(
-                f"unknown {self.what} {name!r}; choose one of: {', '.join(sorted(self._entries))}") from None
+                f"unknown {self.what} {name!r}; choose one of: {', '.join(sorted(self._entries))}",
+                code=self.unknown) from None
 
     def names(self) -> list:
         return sorted(self._entries)

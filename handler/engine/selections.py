@@ -17,8 +17,8 @@ from torch import nn
 
 from .baselines import MAX_SEED, path_chunks
 from .options import OptionSpec
-from .pathways import (
-    Pathway, channel_sums, keep_above_quantile, register_selection, removal_count, resolve_targets)
+from .pathways import Pathway, channel_sums, register_selection, resolve_targets
+from .threshold import keep_above_quantile, removal_count
 from .sites import Site, SiteCall, SiteLayout, instrument
 
 SEED = OptionSpec(int, 0, minimum=0, maximum=MAX_SEED, help="random seed (same seed, same pathway)")
@@ -74,7 +74,10 @@ GATE_MAX = 100.0
 
 
 @register_selection("pruning_gates", options={
-    "iterations": OptionSpec(int, 100, minimum=1, maximum=1000, help="SGD steps on the gates (authors: up to 1000)"),
+    # An iteration is a forward and a backward through the gated network plus the gates' update: it costs
+    # about eight plain passes (benchmarks/speed/README.md), hence its weight in the pass budget.
+    "iterations": OptionSpec(int, 100, minimum=1, maximum=1000, help="SGD steps on the gates (authors: up to 1000)",
+                             passes=8, server_cap=120),
     "init": OptionSpec(str, "ones", choices=("ones", "random"), help="gate initialisation: ones or uniform [0, 1)"),
     "seed": SEED,
 })
@@ -335,7 +338,8 @@ def select_resampled_channels(score: str, model, x, targets, sparsity: Sequence[
 
 
 RESAMPLING_OPTIONS = {
-    "copies": OptionSpec(int, 50, minimum=2, maximum=256, help="perturbed copies, copy 0 clean (authors: 50)"),
+    "copies": OptionSpec(int, 50, minimum=2, maximum=256, help="perturbed copies, copy 0 clean (authors: 50)",
+                         passes=1, server_cap=64),
     "noise": OptionSpec(float, 0.1, minimum=0.001, maximum=1.0,
                         help="σ of ε; copy k is x·(1 + k·ε) (at 0 every copy is the input: nothing to score)"),
     "seed": SEED,

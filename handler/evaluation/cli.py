@@ -20,9 +20,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..engine import METHODS, SELECTIONS
-from ..engine.reduce import REDUCTIONS
-from ..errors import ExplainError
+from ..commands import parse_device, run_main
+from ..engine import METHODS, REDUCTIONS, SELECTIONS
+from ..errors import ExplainError, UsageError
 from ..imaging import Preprocessor
 from ..models import ModelLoadError, builtin_names, load_model
 from .maps import MethodVariant, all_variants
@@ -43,10 +43,6 @@ examples:
                --protocol pointing_game --out out/synthetic
   pathway-eval --samples --protocol pathway_overlap --selection contribution --selection random --out out/overlap
 """
-
-
-class UsageError(Exception):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,18 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--list", action="store_true", help="list models, methods, selections and protocols, and exit")
     return p
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but CUDA is not available on this machine")
-    return device
 
 
 def _fractions(text: str) -> tuple:
@@ -190,7 +174,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         for path in args.images:
             if not Path(path).is_file():
                 raise UsageError(f"{path}: no such file")
-        device = _device(args.device)
+        device = parse_device(args.device)
         loaded = load_model(args.model, device=device)
         preprocessor = Preprocessor(loaded.spec.preprocessing)
         if args.synthetic is not None:
@@ -224,11 +208,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
-        code = run(argv)
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    run_main(run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

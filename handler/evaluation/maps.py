@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from ..engine import METHODS, SELECTIONS, Explainer
-from ..errors import InvalidOption
-from ..engine.registry import UnknownNameError
+from ..errors import InvalidOption, UnknownNameError
 from .progress import Progress
 
 
@@ -57,11 +56,7 @@ class MethodVariant:
         if selection is not None and not chosen.uses_pathway:
             raise InvalidOption(f"{text!r}: method {method!r} does not follow a pathway, so it takes no selection")
         options, sparsity = {}, None
-        for item in filter(None, (part.strip() for part in tail.split(","))):
-            name, sep, value = item.partition("=")
-            name = name.strip()
-            if not sep or not name:
-                raise InvalidOption(f"{text!r}: options are NAME=VALUE, not {item!r}")
+        for name, value in option_pairs(text, tail):
             if name == "sparsity":
                 if not chosen.uses_pathway:
                     raise InvalidOption(f"{text!r}: method {method!r} does not follow a pathway, so it has no "
@@ -76,12 +71,24 @@ class MethodVariant:
 
     def validated(self, explainer: Explainer) -> "MethodVariant":
         """The variant with its options coerced to their declared types (raises :class:`InvalidOption`)."""
-        from ..engine.explainer import ExplainRequest
+        from ..engine import ExplainRequest
 
         request = explainer.validate(ExplainRequest(method=self.method, selection=self.selection,
                                                     sparsity=self.sparsity, options=self.options))
         return MethodVariant(self.method, self.selection if METHODS.get(self.method).uses_pathway else None,
                              request.options, None if self.sparsity is None else request.sparsity)
+
+
+def option_pairs(text: str, tail: str) -> list:
+    """``(name, value)`` pairs of the ``NAME=VALUE,...`` part (``tail``) of a command-line spec ``text``."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in tail.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InvalidOption(f"{text!r}: options are NAME=VALUE, not {item!r}")
+        pairs.append((name, value))
+    return pairs
 
 
 def _show(value) -> str:

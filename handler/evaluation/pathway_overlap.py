@@ -19,24 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import SELECTIONS, instrument, run_along
-from ..engine.explainer import explaining
-from ..engine.sites import SiteCall
+from ..engine import SELECTIONS, explaining, observe_network, run_along
 from .progress import Progress
 
 
 def alive_neurons(model: nn.Module, x: torch.Tensor) -> tuple:
     """``(layout, alive [B, N] bool)``: which neurons are non-zero in the full network at ``x``."""
-    parts: list = []
-
-    def record(call: SiteCall) -> torch.Tensor:
-        out = call.run()
-        parts.append((out != 0).flatten(1))
-        return out
-
-    with explaining(model), torch.no_grad(), instrument(model, record) as recorder:
-        model(x)
-    return recorder.layout, torch.cat(parts, dim=1)
+    with explaining(model):
+        _, layout, alive = observe_network(model, x)
+    return layout, alive
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import Explainer
-from ..engine.explainer import explaining
+from ..engine import Explainer, explaining
 from .maps import Maps, explain_maps
 from .progress import Progress
 

@@ -15,12 +15,12 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..engine import SELECTIONS, Explainer, InputNormalisation
+from ..engine import SELECTIONS, Explainer
 from ..errors import InvalidOption
-from ..imaging import Preprocessor
-from ..models import LoadedModel
+from ..imaging import Preprocessor, open_image
+from ..models import LoadedModel, explainer_for
 from .localisation import localisation, tolerance_for
-from .maps import Maps, explain_maps
+from .maps import Maps, explain_maps, option_pairs
 from .pathway_overlap import compare_selections
 from .perturbation import FRACTIONS, RISE_STEP, curve_length, insertion_deletion, pixel_perturbation
 from .progress import Progress
@@ -55,8 +55,6 @@ class ImageSet:
 
 def photo_set(paths: Sequence[Union[str, Path]], preprocessor: Preprocessor) -> ImageSet:
     """Image files, decoded with the server's checks and preprocessed as the model spec says."""
-    from ..service import open_image
-
     images = [open_image(p) for p in paths]
     x = preprocessor.batch(images)
     return ImageSet([Path(p).stem for p in paths], x, _display(x, preprocessor.prep), source="images")
@@ -126,17 +124,10 @@ def evaluate(
         raise InvalidOption(f"unknown protocol {unknown[0]!r}; choose from: {', '.join(PROTOCOLS)}")
     if "pointing_game" in config.protocols and images.boxes is None:
         raise InvalidOption("the pointing game needs ground-truth boxes: evaluate on --synthetic N")
-    defaults = loaded.spec.defaults
-
-    prep = loaded.spec.preprocessing
 
     def make_explainer(module) -> Explainer:
         """An explainer configured exactly as the server's (:class:`~handler.service.ExplanationService`)."""
-        return Explainer(module, labels=loaded.labels, device=device,
-                         default_method=defaults.get("method", "pathway_gradient"),
-                         default_sparsity=defaults.get("sparsity", 0.7),
-                         default_reduce=defaults.get("reduce", "max_abs"),
-                         normalisation=InputNormalisation(prep.mean, prep.std))
+        return explainer_for(loaded, module, device=device)
 
     explainer = make_explainer(loaded.module)
     variants = [v.validated(explainer) for v in config.methods]
@@ -144,8 +135,8 @@ def evaluate(
     if len(set(labels)) != len(labels):
         raise InvalidOption("a method variant is listed twice: " + ", ".join(sorted({l for l in labels
                                                                                       if labels.count(l) > 1})))
-    sparsity = config.sparsity if config.sparsity is not None else float(defaults.get("sparsity", 0.7))
-    reduce = config.reduce or defaults.get("reduce", "max_abs")
+    sparsity = config.sparsity if config.sparsity is not None else float(explainer.defaults.sparsity)
+    reduce = config.reduce or explainer.defaults.reduce
     x = images.x.to(explainer.device)
     targets = resolve_targets(explainer, images, config.target)
     height, width = x.shape[2], x.shape[3]
@@ -245,11 +236,7 @@ def parse_overlap_selection(text: str) -> tuple:
     except Exception as err:
         raise InvalidOption(str(err)) from None
     options = {}
-    for item in filter(None, (part.strip() for part in tail.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise InvalidOption(f"{text!r}: options are NAME=VALUE, not {item!r}")
+    for key, value in option_pairs(text, tail):
         spec = strategy.options.get(key)
         if spec is None:
             raise InvalidOption(f"{text!r}: selection {name!r} has no option {key!r} "

@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..engine import DEFAULTS, Explainer, InputNormalisation
 from ..errors import UnknownModel
 
 SPEC_DIR = Path(__file__).parent
@@ -60,6 +61,12 @@ class Weights:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+def default_settings(sparsity: Optional[float] = None) -> dict:
+    """A spec's explanation defaults when it names none: the engine's (:data:`handler.engine.DEFAULTS`)."""
+    return {"method": DEFAULTS.method, "sparsity": DEFAULTS.sparsity if sparsity is None else sparsity,
+            "reduce": DEFAULTS.reduce}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -68,8 +75,7 @@ class ModelSpec:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     labels: Any = "imagenet"  # "imagenet", a list of names, or {"file": path}
     num_classes: Optional[int] = None
-    defaults: dict = field(default_factory=lambda: {"method": "pathway_gradient", "sparsity": 0.7,
-                                                     "reduce": "max_abs"})
+    defaults: dict = field(default_factory=lambda: default_settings())
     description: str = ""
     base_dir: Optional[str] = None  # where relative paths resolve; not serialised
 
@@ -92,7 +98,7 @@ class ModelSpec:
             raise ModelLoadError(f"model spec: {err}") from None
         if weights.match not in ("name", "order"):
             raise ModelLoadError(f"weights.match must be 'name' or 'order', not {weights.match!r}")
-        defaults = {"method": "pathway_gradient", "sparsity": 0.7, "reduce": "max_abs"}
+        defaults = default_settings()
         defaults.update(data.pop("defaults", None) or {})
         return cls(weights=weights, preprocessing=prep, defaults=defaults,
                    base_dir=str(base_dir) if base_dir is not None else None, **data)
@@ -159,7 +165,7 @@ def spec_for_architecture(
     labels: Any = "imagenet",
     name: Optional[str] = None,
     preprocessing: Optional[Preprocessing] = None,
-    sparsity: float = 0.7,
+    sparsity: Optional[float] = None,
 ) -> ModelSpec:
     """A spec for a torchvision or timm architecture with a user's state dict (or random weights)."""
     labels_value: Any = labels
@@ -171,7 +177,7 @@ def spec_for_architecture(
         weights=Weights(file=str(Path(weights).resolve())) if weights else Weights(),
         preprocessing=preprocessing or Preprocessing(),
         labels=labels_value,
-        defaults={"method": "pathway_gradient", "sparsity": sparsity, "reduce": "max_abs"},
+        defaults=default_settings(sparsity=sparsity),
     )
 
 
@@ -351,3 +357,23 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
                          labels if spec.num_classes is None else None)
     model.eval().requires_grad_(False).to(device)
     return LoadedModel(spec, model, labels, label_aliases(spec))
+
+
+def explainer_for(loaded: LoadedModel, module: Optional[nn.Module] = None, *, device=None, memory_budget=None,
+                  max_batch_size: Optional[int] = None) -> Explainer:
+    """The explainer a model spec describes (its defaults, class names and input normalisation); the server,
+    the CLI and the evaluation suite all build theirs here. ``module``: another network of the same spec
+    (the evaluation's randomised copies); default, the loaded one."""
+    defaults, prep = loaded.spec.defaults, loaded.spec.preprocessing
+    return Explainer(
+        loaded.module if module is None else module,
+        labels=loaded.labels,
+        label_aliases=loaded.label_aliases,
+        device=device,
+        default_method=defaults.get("method", DEFAULTS.method),
+        default_sparsity=defaults.get("sparsity", DEFAULTS.sparsity),
+        default_reduce=defaults.get("reduce", DEFAULTS.reduce),
+        normalisation=InputNormalisation(prep.mean, prep.std),
+        memory_budget=memory_budget,
+        max_batch_size=max_batch_size,
+    )

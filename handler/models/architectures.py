@@ -12,9 +12,9 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..engine.registry import Registry
+from ..engine import Registry
 
-ARCHITECTURES: Registry = Registry("architecture")
+ARCHITECTURES: Registry = Registry("architecture", "unknown_architecture")
 
 
 def register_architecture(name: str) -> Callable:

@@ -36,6 +36,22 @@ DEFAULT_WORKER_CONFIG = {
     "maxBatchDelay": 20,
     "responseTimeout": 600,
 }
+
+
+def declared_caps() -> dict:
+    """The server caps the registered methods and selections declare (``OptionSpec.server_cap``), by option
+    name; where two declare one name, the lower cap holds."""
+    from ..engine import METHODS, SELECTIONS
+
+    caps: dict = {}
+    for registry in (METHODS, SELECTIONS):
+        for name in registry.names():
+            for option, spec in registry.get(name).options.items():
+                if spec.server_cap is not None:
+                    caps[option] = min(spec.server_cap, caps.get(option, spec.server_cap))
+    return caps
+
+
 #: The handler's own section of model-config.yaml: explanation defaults and server-side caps.
 DEFAULT_PATHWAY_CONFIG = {
     "device": "auto",
@@ -45,11 +61,11 @@ DEFAULT_PATHWAY_CONFIG = {
         "max_top_k": 20,
         "max_image_pixels": 40_000_000,
         "default_outputs": ["heatmap", "pathway"],
-        "method_caps": {"steps": 128, "samples": 64, "iterations": 120, "copies": 64},
-        # Weighted passes (service.PASS_OPTIONS): 1000 allow one image at the default 100 pruning-gate
-        # iterations, or 16 images of 60 IG steps. A batch of 4 such requests took 117 s (pruning gates,
-        # 120 iterations) and 207 s (IG) with EfficientNet-Lite0 on 2 CPU cores, inside responseTimeout
-        # (600 s); past it TorchServe kills the worker. Scale both with the machine and the model.
+        "method_caps": declared_caps(),
+        # Passes weighted by each option's declared cost (OptionSpec.passes): 1000 allow one image at the
+        # default 100 pruning-gate iterations, or 16 images of 60 integrated-gradient steps, and keep a batch
+        # of such requests inside responseTimeout (benchmarks/speed/README.md has the measurement); past it
+        # TorchServe kills the worker. Scale both with the machine and the model.
         "max_passes_per_request": 1000,
     },
 }
@@ -155,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if args.weights and not Path(args.weights).is_file():
                 p.error(f"weights file not found: {args.weights}")
             spec = spec_for_architecture(args.arch, weights=args.weights, labels=args.labels or "imagenet",
-                                         name=args.name, sparsity=args.sparsity if args.sparsity is not None else 0.7)
+                                         name=args.name, sparsity=args.sparsity)
         else:
             spec = get_spec(args.model or "efficientnet_lite0")
             if args.name:

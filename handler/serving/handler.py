@@ -4,8 +4,13 @@ Explain-or-predict is decided per request (its ``explain`` header), never for th
 whole batch from request 0; all explain instances of a batch go through the
 engine together, each with its own target and options; a request that is wrong
 on its own gets its own 4xx and the rest of the batch is answered normally.
-A batch that fails as a whole (out of memory, say) is retried one request at a
-time, so only the request that cannot be served fails.
+
+One request's way: :mod:`.requests` types the transport's text (no rules), the
+service validates it once and decodes its images (:meth:`ExplanationService.prepare
+<handler.service.ExplanationService.prepare>`), serves the batch's jobs and
+isolates a failing one (:meth:`~handler.service.ExplanationService.run`), and
+:mod:`.responses` encodes the answer for the request's protocol, with the HTTP
+status of an error's code.
 
 Behind a stock KServe envelope (``service_envelope=kserve|kservev2``) the rows are
 the instances of request 0 (see :mod:`.requests`); each instance's document still
@@ -15,38 +20,43 @@ carries its predictions next to its explanation. Metrics go through
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..engine import BatchSplit
-from ..errors import ExplainError
+from ..errors import BadRequest, ExplainError
 from ..models import ModelSpec, load_model
-from ..schema import Limits, parse_options
-from ..service import ExplanationService, ExplainResult
+from ..schema import Limits
+from ..service import ExplanationService, Job
+from . import responses
 from .metrics import HandlerMetrics
-from .requests import ENVELOPE_V1, BadRequest, ParsedRequest, envelope_of, parse_envelope, parse_request
+from .requests import ENVELOPE_V1, ParsedRequest, Protocol, envelope_of, parse_envelope, parse_request
 
 logger = logging.getLogger(__name__)
 
 SPEC_FILE = "model_spec.json"
-JSON = "application/json"
 
 
-class InternalError(ExplainError):
-    status = 500
-    type = "internal_error"
+@dataclass
+class Plan:
+    """One HTTP request on its way: what the transport parsed, and the service's job for it."""
 
+    request: ParsedRequest
+    job: Job
 
-class OutOfMemory(ExplainError):
-    status = 507
-    type = "out_of_memory"
+    @property
+    def error(self) -> Optional[ExplainError]:
+        return self.job.error
+
+    def answer(self, model_name: str, request_id: Optional[str]) -> responses.Answer:
+        documents = [r.inline() for r in self.job.results] if self.job.explain else self.job.results
+        return responses.Answer(documents, self.job.explain, model_name, request_id)
 
 
 class PathwayHandler:
@@ -57,8 +67,6 @@ class PathwayHandler:
         self.metrics: HandlerMetrics = HandlerMetrics(None, "unknown")
         self.initialized = False
         self.max_instances = 16
-
-    # -- start-up -------------------------------------------------------------
 
     def initialize(self, context) -> None:
         props = context.system_properties
@@ -80,12 +88,10 @@ class PathwayHandler:
         logger.info("pathway handler ready: model %s on %s (engine from %s)", spec.name, device,
                     Path(__file__).resolve().parents[1])
 
-    # -- requests ---------------------------------------------------------------
-
     def handle(self, data, context) -> list:
         started = time.perf_counter()
         if not data:  # only an envelope does this: a body without instances
-            return self._envelope_error(BadRequest("the request has no instances", type="missing_image"), context)
+            return self._envelope_error(BadRequest("the request has no instances", code="missing_image"), context)
         envelope = envelope_of(data, context)
         if envelope is not None:
             return self._handle_envelope(envelope, data, context, started)
@@ -94,21 +100,20 @@ class PathwayHandler:
         plans = []
         for i, row in enumerate(data):
             t = time.perf_counter()
-            plans.append(self._prepare(parse_request(row, request_headers(context, i),
-                                                     max_instances=self.max_instances)))
-            stages["decode", _kind(plans[-1])] += time.perf_counter() - t
-        self._run(plans)
+            plans.append(self._plan(parse_request(row, request_headers(context, i), max_instances=self.max_instances)))
+            stages["decode", plans[-1].job.kind] += time.perf_counter() - t
+        self.service.run([plan.job for plan in plans])
         out = []
         for i, plan in enumerate(plans):
             t = time.perf_counter()
             out.append(self._encode(i, plan, context))
-            stages["encode", _kind(plan)] += time.perf_counter() - t
+            stages["encode", plan.job.kind] += time.perf_counter() - t
             self._record(plan, out[-1], started)
         for (stage, kind), seconds in stages.items():
             self.metrics.stage(stage, kind, seconds)
-        explain = sum(1 for p in plans if p["request"].explain)
+        explain = sum(1 for p in plans if p.job.explain)
         logger.info("pathway batch: %d requests (%d explain, %d predict, %d failed) in %.1f ms", len(data), explain,
-                    len(data) - explain, sum(1 for p in plans if p["error"] is not None),
+                    len(data) - explain, sum(1 for p in plans if p.error is not None),
                     1000 * (time.perf_counter() - started))
         return out
 
@@ -126,164 +131,79 @@ class PathwayHandler:
                 "v1/v2 bodies itself and batches them)", 500)
         self.metrics.batch(1)
         t = time.perf_counter()
-        plan = self._prepare(parse_envelope(kind, rows, request_headers(context, 0), max_instances=self.max_instances))
-        self.metrics.stage("decode", _kind(plan), time.perf_counter() - t)
-        self._run([plan])
+        plan = self._plan(parse_envelope(kind, rows, request_headers(context, 0), max_instances=self.max_instances))
+        self.metrics.stage("decode", plan.job.kind, time.perf_counter() - t)
+        self.service.run([plan.job])
         t = time.perf_counter()
-        out = self._encode_envelope(kind, plan, context)
-        self.metrics.stage("encode", _kind(plan), time.perf_counter() - t)
-        self._record(plan, json.dumps(out, separators=(",", ":")), started)
+        if plan.error is not None:
+            out = self._envelope_error(plan.error, context)
+        else:
+            context.set_response_content_type(0, responses.JSON)
+            answer = plan.answer(self.model_name, None)
+            if kind == ENVELOPE_V1:
+                out = responses.encode_envelope_v1(answer)
+            else:  # kservev2 names each returned item after context.input_names (read after we return)
+                context.input_names, out = responses.encode_envelope_v2(answer)
+        self.metrics.stage("encode", plan.job.kind, time.perf_counter() - t)
+        self._record(plan, responses.compact(out), started)
         logger.info("pathway batch: 1 request through the %s envelope (%d instances, %s, %s) in %.1f ms", kind,
-                    len(plan["images"]), _kind(plan), "failed" if plan["error"] is not None else "ok",
+                    len(plan.job.images), plan.job.kind, "failed" if plan.error is not None else "ok",
                     1000 * (time.perf_counter() - started))
         return out
 
-    def _prepare(self, request: ParsedRequest) -> dict:
-        """Parse options, check the request's cost, decode images; a failure marks the whole request."""
-        plan = {"request": request, "error": request.error, "images": [], "options": [], "results": []}
-        if plan["error"] is not None:
-            return plan
-        try:
-            for instance in request.instances:
-                options = parse_options(instance.options, self.service.limits)
-                if request.wants_png and "overlay" not in options.outputs:
-                    options = _with_outputs(options, options.outputs + ("overlay",))
-                plan["options"].append(options)
-            if request.explain:
-                self.service.check_request_cost(plan["options"])
-            plan["images"] = [self.service.decode(instance.image) for instance in request.instances]
-        except ExplainError as err:
-            plan["error"] = err
-        except MemoryError:
-            plan["error"] = OutOfMemory("out of memory while decoding the image; send a smaller one")
-        return plan
+    def _plan(self, request: ParsedRequest) -> Plan:
+        """The service validates the request once and decodes its images; a transport error stands as it is."""
+        if request.error is not None:
+            return Plan(request, Job(request.explain, error=request.error))
+        job = self.service.prepare([i.image for i in request.instances], [i.options for i in request.instances],
+                                   explain=request.explain, extra_outputs=("overlay",) if request.wants_png else ())
+        return Plan(request, job)
 
-    def _run(self, plans: list) -> None:
-        """Predict instances in one batch, explain instances in one batch; on a failure, each request alone."""
-        for explain in (False, True):
-            members = [p for p in plans if p["error"] is None and p["request"].explain is explain]
-            if not members:
-                continue
-            try:
-                self._run_group(members, explain)
-            except Exception as err:  # an engine failure, or a request error found only while running
-                request_error = isinstance(err, ExplainError)
-                oom = is_out_of_memory(err)
-                if not request_error:
-                    release_memory()
-                if len(members) == 1:
-                    if not request_error:
-                        logger.exception("a %s request failed", "explain" if explain else "predict")
-                    members[0]["error"] = _failure(err)
-                    continue
-                if oom:
-                    self.service.observer.batch_split(BatchSplit(
-                        size=sum(len(p["images"]) for p in members), parts=tuple(len(p["images"]) for p in members),
-                        source="handler"))
-                log = logger.warning if request_error else logger.exception
-                log("batch of %d %s requests failed%s; retrying them one by one: %s", len(members),
-                    "explain" if explain else "predict", " (out of memory)" if oom else "", err)
-                for plan in members:
-                    try:
-                        self._run_group([plan], explain)
-                    except Exception as alone:  # noqa: BLE001 - isolated to this request
-                        if not isinstance(alone, ExplainError):
-                            release_memory()
-                            logger.exception("request failed on its own")
-                        plan["error"] = _failure(alone)
-
-    def _run_group(self, plans: list, explain: bool) -> None:
-        images = [image for p in plans for image in p["images"]]
-        options = [o for p in plans for o in p["options"]]
-        results = self.service.explain(images, options) if explain else self.service.predict(images, options)
-        start = 0
-        for plan in plans:
-            count = len(plan["images"])
-            plan["results"] = results[start:start + count]
-            start += count
-            failed = next((r for r in plan["results"] if isinstance(r, ExplainError)), None)
-            if failed is not None:
-                plan["error"] = failed
-
-    # -- responses --------------------------------------------------------------
-
-    def _encode(self, index: int, plan: dict, context) -> Any:
-        request: ParsedRequest = plan["request"]
-        if plan["error"] is not None:
-            error = plan["error"]
-            context.set_response_status(error.status, _phrase(error.status), index)
-            context.set_response_content_type(index, JSON)
-            return json.dumps(error.to_dict())
-        results = plan["results"]
-        if request.wants_png:
-            result: ExplainResult = results[0]
+    def _encode(self, index: int, plan: Plan, context) -> Any:
+        if plan.error is not None:
+            status = responses.http_status(plan.error)
+            context.set_response_status(status, responses.reason_phrase(status), index)
+            context.set_response_content_type(index, responses.JSON)
+            return json.dumps(responses.error_body(plan.error))
+        if plan.request.wants_png:
+            result = plan.job.results[0]
             target = result.document["explanation"]["target"]
             context.set_response_content_type(index, "image/png")
             context.set_response_header(index, "X-Explain-Target-Index", str(target["index"]))
             context.set_response_header(index, "X-Explain-Target-Label", _ascii(target["label"]))
             context.set_response_header(index, "X-Explain-Target-Probability", f"{target['probability']:.6f}")
             return result.artifacts["overlay"]
-        context.set_response_content_type(index, JSON)
-        documents = [r.inline() for r in results] if request.explain else results
-        if request.protocol == "plain":
-            body = documents[0]
-        elif request.protocol == "kserve_v1":
-            body = {"predictions": [d["predictions"] for d in documents]}
-            if request.explain:
-                body["explanations"] = documents
-        else:
-            body = self._kserve_v2(request, documents, context, index)
-        return json.dumps(body, separators=(",", ":"))
-
-    def _encode_envelope(self, kind: str, plan: dict, context) -> list:
-        """The list the envelope wraps: v1 ``{"predictions"|"explanations": list}``, v2 named ``outputs``."""
-        request: ParsedRequest = plan["request"]
-        if plan["error"] is not None:
-            return self._envelope_error(plan["error"], context)
-        context.set_response_content_type(0, JSON)
-        documents = [r.inline() for r in plan["results"]] if request.explain else plan["results"]
-        if kind == ENVELOPE_V1:  # explanations: whole documents, each with its predictions beside the explanation
-            return documents if request.explain else [d["predictions"] for d in documents]
-        # kservev2 names each returned item after context.input_names (read after the handler returns)
-        context.input_names = ["predictions"] + (["explanations"] if request.explain else [])
-        out = [[json.dumps(d["predictions"], separators=(",", ":")) for d in documents]]
-        if request.explain:
-            out.append([json.dumps(d, separators=(",", ":")) for d in documents])
-        return out
+        context.set_response_content_type(index, responses.JSON)
+        request_id = (plan.request.request_id or context.get_request_id(index)) \
+            if plan.request.protocol is Protocol.KSERVE_V2 else None
+        answer = plan.answer(self.model_name, request_id)
+        return responses.compact(responses.ENCODERS[plan.request.protocol](answer))
 
     @staticmethod
     def _envelope_error(error: ExplainError, context) -> list:
-        context.set_response_status(error.status, _phrase(error.status), 0)
-        context.set_response_content_type(0, JSON)
+        status = responses.http_status(error)
+        context.set_response_status(status, responses.reason_phrase(status), 0)
+        context.set_response_content_type(0, responses.JSON)
         if getattr(context, "input_names", None) is not None:  # kservev2: one BYTES output named "error"
             context.input_names = ["error"]
-            return [[json.dumps(error.to_dict())]]
-        return [error.to_dict()]
+            return [[json.dumps(responses.error_body(error))]]
+        return [responses.error_body(error)]
 
-    def _record(self, plan: dict, body: Any, started: float) -> None:
+    def _record(self, plan: Plan, body: Any, started: float) -> None:
         """Metrics of one answered request."""
-        kind, error = _kind(plan), plan["error"]
+        kind, error = plan.job.kind, plan.error
         self.metrics.request(kind, "rejected" if error is not None else "ok")
         self.metrics.response_size(kind, len(body) if isinstance(body, (bytes, str)) else 0)
         if error is not None:
-            self.metrics.rejected(error.type, error.status)
+            self.metrics.rejected(error.code, responses.http_status(error))
             return
-        if plan["request"].explain:
+        if plan.job.explain:
             seconds = time.perf_counter() - started
-            for result in plan["results"]:
+            for result in plan.job.results:
                 method = result.document["explanation"]["method"]
                 self.metrics.explain_latency(method, seconds)
                 if result.realised_sparsity is not None:
                     self.metrics.realised_sparsity(method, result.realised_sparsity)
-
-    def _kserve_v2(self, request: ParsedRequest, documents: list, context, index: int) -> dict:
-        outputs = [{"name": "predictions", "datatype": "BYTES", "shape": [len(documents)],
-                    "data": [json.dumps(d["predictions"], separators=(",", ":")) for d in documents]}]
-        if request.explain:
-            outputs.append({"name": "explanations", "datatype": "BYTES", "shape": [len(documents)],
-                            "data": [json.dumps(d, separators=(",", ":")) for d in documents]})
-        return {"model_name": self.model_name, "id": request.request_id or context.get_request_id(index),
-                "outputs": outputs}
 
 
 def request_headers(context, index: int) -> dict:
@@ -294,37 +214,6 @@ def request_headers(context, index: int) -> dict:
         return {}
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """CUDA or host allocation failures (torch raises RuntimeError for the latter)."""
-    if isinstance(err, MemoryError):
-        return True
-    cuda_oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if cuda_oom is not None and isinstance(err, cuda_oom):
-        return True
-    text = str(err).lower()
-    return "out of memory" in text or "can't allocate memory" in text
-
-
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _failure(err: BaseException) -> ExplainError:
-    """The error document for a request that failed on its own (never raised: TorchServe would fail the batch)."""
-    if isinstance(err, ExplainError):  # a request error the engine found only while running (e.g. a layer name)
-        return err
-    if is_out_of_memory(err):
-        return OutOfMemory("out of memory while serving this request; retry later, or with fewer images or "
-                           "smaller outputs")
-    return InternalError(f"the explanation failed: {type(err).__name__}: {err}")
-
-
-def _kind(plan: dict) -> str:
-    return "explain" if plan["request"].explain else "predict"
-
-
 def choose_device(gpu_id, preference: str = "auto") -> torch.device:
     """The worker's GPU when TorchServe assigned one and CUDA works, else the CPU."""
     if preference == "cpu" or gpu_id is None or not torch.cuda.is_available():
@@ -332,20 +221,8 @@ def choose_device(gpu_id, preference: str = "auto") -> torch.device:
     return torch.device(f"cuda:{int(gpu_id)}")
 
 
-def _with_outputs(options, outputs: tuple):
-    from dataclasses import replace
-
-    return replace(options, outputs=outputs)
-
-
 def _ascii(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")
-
-
-def _phrase(status: int) -> str:
-    return {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 406: "Not Acceptable",
-            413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Entity",
-            500: "Internal Server Error", 507: "Insufficient Storage"}.get(status, "Error")
 
 
 _HANDLER = PathwayHandler()

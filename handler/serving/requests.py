@@ -28,22 +28,24 @@ import binascii
 import json
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Mapping, Optional
 
-from ..errors import ExplainError, InvalidImage, InvalidOption
+from ..errors import BadRequest, ExplainError, InvalidImage, InvalidOption, UnsupportedMediaType
 
 IMAGE_FIELDS = ("image", "data", "file", "b64", "bytes")
 logger = logging.getLogger(__name__)
 HEADER_PREFIX = "x-explain-"
 
 
-class BadRequest(ExplainError):
-    type = "bad_request"
+class Protocol(str, Enum):
+    """How a request was sent, and so how its answer is encoded (:data:`.responses.ENCODERS`)."""
 
-
-class UnsupportedMediaType(ExplainError):
-    status = 415
-    type = "unsupported_media_type"
+    PLAIN = "plain"  # raw image bytes, a multipart form, or JSON {"image": ...}
+    KSERVE_V1 = "kserve_v1"  # JSON {"instances": [...]}
+    KSERVE_V2 = "kserve_v2"  # JSON {"inputs": [...]} (open inference protocol)
+    ENVELOPE_V1 = "envelope_v1"  # rows a stock ``kserve`` envelope parsed out of request 0
+    ENVELOPE_V2 = "envelope_v2"  # rows a stock ``kservev2`` envelope parsed out of request 0
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Instance:
 
 @dataclass
 class ParsedRequest:
-    protocol: str  # "plain", "kserve_v1", "kserve_v2", or "envelope_v1"/"envelope_v2" (a stock envelope parsed it)
+    protocol: Protocol
     explain: bool
     instances: list = field(default_factory=list)
     wants_png: bool = False
@@ -77,10 +79,10 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], *, max_ins
     headers = lower_headers(headers)
     explain = str(headers.get("explain", "")).lower() == "true"
     accept = str(headers.get("accept", "")).lower()
-    request = ParsedRequest(protocol="plain", explain=explain)
+    request = ParsedRequest(protocol=Protocol.PLAIN, explain=explain)
     try:
         _parse_into(request, dict(row), headers, max_instances)
-        request.wants_png = explain and request.protocol == "plain" and "image/png" in accept \
+        request.wants_png = explain and request.protocol is Protocol.PLAIN and "image/png" in accept \
             and "application/json" not in accept
     except ExplainError as err:
         request.error = err
@@ -92,7 +94,7 @@ def parse_request(row: Mapping[str, Any], headers: Mapping[str, Any], *, max_ins
 def _unreadable(err: Exception) -> ExplainError:
     logger.warning("unreadable request: %s: %s", type(err).__name__, err)
     return BadRequest(f"the request could not be read: {type(err).__name__}: {str(err)[:200]}",
-                      type="unreadable_request")
+                      code="unreadable_request")
 
 
 def _parse_into(request: ParsedRequest, row: dict, headers: dict, max_instances: int) -> None:
@@ -111,7 +113,7 @@ def _parse_into(request: ParsedRequest, row: dict, headers: dict, max_instances:
                 "or a multipart form with a 'data' field")
         elif isinstance(body, (bytes, bytearray)):
             if "json" in content_type:
-                raise BadRequest(f"malformed JSON body: {_json_error(body)}", type="malformed_json")
+                raise BadRequest(f"malformed JSON body: {_json_error(body)}", code="malformed_json")
             if "x-www-form-urlencoded" in content_type:
                 raise UnsupportedMediaType(
                     "the body was sent as a URL-encoded form (curl --data-binary without a content type); "
@@ -128,7 +130,7 @@ def _parse_multipart(request: ParsedRequest, fields: dict, from_headers: dict) -
     if image_key is None:
         names = ", ".join(sorted(fields)) or "none"
         raise BadRequest(f"multipart request has no image field: name it 'data' (or 'image'); got fields: {names}",
-                         type="missing_image")
+                         code="missing_image")
     image = fields.pop(image_key)
     if isinstance(image, dict):
         raise BadRequest(f"multipart field {image_key!r} holds JSON, not image bytes")
@@ -144,7 +146,7 @@ def _parse_multipart(request: ParsedRequest, fields: dict, from_headers: dict) -
 
 def _parse_json(request: ParsedRequest, body: dict, from_headers: dict, max_instances: int) -> None:
     if "instances" in body:
-        request.protocol = "kserve_v1"
+        request.protocol = Protocol.KSERVE_V1
         instances = body["instances"]
         shared = dict(from_headers)
         shared.update(_parameters(body.get("parameters")))
@@ -154,7 +156,7 @@ def _parse_json(request: ParsedRequest, body: dict, from_headers: dict, max_inst
         request.instances = [_json_instance(item, shared, f"instances[{i}]") for i, item in enumerate(instances)]
         return
     if "inputs" in body:
-        request.protocol = "kserve_v2"
+        request.protocol = Protocol.KSERVE_V2
         _parse_v2(request, body, from_headers, max_instances)
         return
     request.instances = [_json_instance(body, from_headers, "body")]
@@ -169,7 +171,7 @@ def _json_instance(item: Any, shared: dict, where: str) -> Instance:
     key = next((k for k in IMAGE_FIELDS if k in item), None)
     if key is None:
         raise BadRequest(f"{where} has no image: add \"image\": \"<base64>\" (or {{\"b64\": \"<base64>\"}})",
-                         type="missing_image")
+                         code="missing_image")
     image = decode_base64(item.pop(key), f"{where}.{key}")
     options = dict(shared)
     options.update(_parameters(item.pop("parameters", None)))
@@ -200,7 +202,7 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
             shared[name] = data[0] if len(data) == 1 else data
     if images is None:
         raise BadRequest("no image among 'inputs': send a BYTES tensor named 'image' whose data are base64 strings",
-                         type="missing_image")
+                         code="missing_image")
     if not images:
         raise BadRequest("the image tensor has no data")
     _check_count(len(images), max_instances)
@@ -210,8 +212,7 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
 
 def _check_count(count: int, limit: int) -> None:
     if count > limit:
-        raise BadRequest(f"{count} images in one request; this server takes at most {limit}", type="too_many_instances",
-                         status=413)
+        raise BadRequest(f"{count} images in one request; this server takes at most {limit}", code="too_many_instances")
 
 
 def _parameters(value: Any) -> dict:
@@ -238,19 +239,19 @@ def decode_base64(value: Any, where: str) -> bytes:
             raise BadRequest(f"{where} must be a base64 string or {{\"b64\": \"<base64>\"}}")
         value = value["b64"]
     if not isinstance(value, str):
-        raise BadRequest(f"{where} must be a base64 string, not {type(value).__name__}", type="bad_base64")
+        raise BadRequest(f"{where} must be a base64 string, not {type(value).__name__}", code="bad_base64")
     text = value.strip()
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     text = "".join(text.split())
     if not text:
-        raise InvalidImage(f"{where} is empty", type="empty_image")
+        raise InvalidImage(f"{where} is empty", code="empty_image")
     try:
         if "-" in text or "_" in text:
             return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise BadRequest(f"{where} is not valid base64: {err}", type="bad_base64") from None
+        raise BadRequest(f"{where} is not valid base64: {err}", code="bad_base64") from None
 
 
 def _param_content_type(headers: dict, param: str) -> str:
@@ -315,7 +316,8 @@ def parse_envelope(kind: str, rows: list, headers: Mapping[str, Any], *, max_ins
     """One request from an envelope's rows and request 0's headers; failures in ``error``, never raised."""
     headers = lower_headers(headers)
     explain = str(headers.get("explain", "")).lower() == "true"
-    request = ParsedRequest(protocol="envelope_v1" if kind == ENVELOPE_V1 else "envelope_v2", explain=explain)
+    request = ParsedRequest(protocol=Protocol.ENVELOPE_V1 if kind == ENVELOPE_V1 else Protocol.ENVELOPE_V2,
+                            explain=explain)
     from_headers = header_options(headers)
     try:
         if kind == ENVELOPE_V1:
@@ -328,7 +330,7 @@ def parse_envelope(kind: str, rows: list, headers: Mapping[str, Any], *, max_ins
                     raise BadRequest(
                         f"input {tensor.get('name')!r} has shape {shape}, but the kservev2 envelope passes only the "
                         "first element of a BYTES tensor: send one image per request (or serve without "
-                        "service_envelope, where several images per request work)", type="unsupported_by_envelope")
+                        "service_envelope, where several images per request work)", code="unsupported_by_envelope")
             _parse_v2(request, {"inputs": rows}, from_headers, max_instances)
     except ExplainError as err:
         request.error = err

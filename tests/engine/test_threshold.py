@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from handler.engine import keep_above_quantile
-from handler.engine import pathways
-from handler.engine.pathways import kth_smallest_host, kth_smallest_on_device, removal_count
+from handler.engine import threshold
+from handler.engine.threshold import keep_above_quantile, kth_smallest_host, kth_smallest_on_device, removal_count
 
 # Calls that read device memory back to the host (or size their output by it): on CUDA each one waits for
 # every queued kernel. The device threshold must make none of them.
@@ -49,7 +48,7 @@ def reference_kth(scores, ks):
 def test_device_threshold_is_exact_and_never_synchronises(ks, monkeypatch):
     scores = scores_with_ties()
     expected = reference_kth(scores, ks)
-    monkeypatch.setattr(pathways, "TOPK_WORKSPACE_BYTES", 1)  # one row per topk: exercises the grouping too
+    monkeypatch.setattr(threshold, "TOPK_WORKSPACE_BYTES", 1)  # one row per topk: exercises the grouping too
     with NoHostSync():
         tau = kth_smallest_on_device(scores, ks)
         keep = scores > tau[:, None]
@@ -61,7 +60,7 @@ def test_the_guard_catches_what_would_synchronise():
     scores = scores_with_ties(rows=1, n=1000)
     with pytest.raises(AssertionError):
         with NoHostSync():
-            pathways.kth_smallest(scores, [10])  # the host path reads counts back: fine on the CPU only
+            threshold.kth_smallest(scores, [10])  # the host path reads counts back: fine on the CPU only
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.505, 0.51, 0.7, 0.9, 0.999, 0.9999])
@@ -76,7 +75,7 @@ def test_host_and_device_thresholds_agree_on_large_rows(p):
 def test_host_threshold_survives_a_misleading_sample():
     """A systematic sample that sees only one value cannot bracket the k-th one: the counts notice, the answer is exact."""
     n = 1_000_000
-    stride = (n // pathways.HOST_SAMPLE) | 1  # the sample is values[::stride]
+    stride = (n // threshold.HOST_SAMPLE) | 1  # the sample is values[::stride]
     values = np.linspace(1, 2, n, dtype=np.float32)
     values[::stride] = 0  # the sample sees only zeros
     zeros = len(values[::stride])
@@ -96,7 +95,7 @@ def test_keep_above_quantile_is_the_same_on_both_paths(n):
 
 def test_host_mask_survives_a_misleading_sample():
     n = 1_000_000
-    stride = (n // pathways.HOST_SAMPLE) | 1
+    stride = (n // threshold.HOST_SAMPLE) | 1
     values = torch.linspace(1, 2, n)
     values[::stride] = 0
     for p in (0.01, 0.5, 0.7):

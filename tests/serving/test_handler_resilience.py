@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from handler.engine import BatchSplit, report_split
+from handler.engine import BatchSplit
+from handler.engine.events import report_split
 from handler.serving import handler as handler_module
 from handler.serving import requests as requests_module
 from handler.serving.metrics import SPEC_FILE, HandlerMetrics, load_specs, server_metrics_config
@@ -333,7 +334,7 @@ def test_v2_envelope_answers_named_predictions_and_explanations(served, coffee):
 def test_v2_envelope_refuses_several_images_it_would_silently_drop():
     rows = [{"name": "image", "datatype": "BYTES", "shape": [3], "data": "AAAA"}]
     request = parse_envelope("kservev2", rows, {})
-    assert request.error is not None and request.error.type == "unsupported_by_envelope"
+    assert request.error is not None and request.error.code == "unsupported_by_envelope"
 
 
 def test_envelope_with_a_batch_of_several_requests_fails_with_the_reason(served, coffee):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PATHWAY_SERVE = Path(sys.executable).with_name("pathway-serve")
 
 dockerfile = pytest.importorskip("dockerfile", reason="pip install dockerfile (the test extra)")

@@ -6,21 +6,7 @@ from torch import nn
 
 from handler.engine import Explainer, MemoryBudget
 from handler.engine.batching import DEFAULT_BYTES_PER_NEURON, BatchPlanner
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(16 * 8 * 8, 10)
-
-    def forward(self, x):
-        x = self.relu(self.conv1(x))
-        x = self.relu(self.conv2(x))
-        return self.fc(x.flatten(1))
+from tiny_models import FlattenHeadCNN
 
 
 NEURONS = 8 * 16 * 16 + 16 * 8 * 8  # per 16x16 sample: the two ReLU calls
@@ -54,8 +40,8 @@ def maps(explanations):
 def test_an_out_of_memory_batch_is_split_and_gives_the_same_explanations():
     x = batch()
     sparsity = [0.5, 0.6, 0.7, 0.8, 0.9, 0.5, 0.6, 0.7]
-    expected = Explainer(SmallCNN()).explain(x, sparsity=sparsity)
-    flaky = OutOfMemoryAbove(SmallCNN(), limit=3)
+    expected = Explainer(FlattenHeadCNN()).explain(x, sparsity=sparsity)
+    flaky = OutOfMemoryAbove(FlattenHeadCNN(), limit=3)
     explainer = Explainer(flaky)
     got = explainer.explain(x, sparsity=sparsity)
     torch.testing.assert_close(maps(got), maps(expected), rtol=1e-5, atol=1e-6)
@@ -71,7 +57,7 @@ def test_an_out_of_memory_batch_is_split_and_gives_the_same_explanations():
 
 
 def test_out_of_memory_with_a_single_sample_is_raised_and_leaves_the_model_as_it_was():
-    flaky = OutOfMemoryAbove(SmallCNN(), limit=1)
+    flaky = OutOfMemoryAbove(FlattenHeadCNN(), limit=1)
     explainer = Explainer(flaky)
     explainer.explain(batch()[:1])  # fits: also runs the instrumentation check
     flaky.limit = 0
@@ -83,7 +69,7 @@ def test_out_of_memory_with_a_single_sample_is_raised_and_leaves_the_model_as_it
 
 
 def test_batch_size_follows_the_memory_budget():
-    recorder = OutOfMemoryAbove(SmallCNN(), limit=10**6)
+    recorder = OutOfMemoryAbove(FlattenHeadCNN(), limit=10**6)
     per_sample = DEFAULT_BYTES_PER_NEURON * NEURONS
     explainer = Explainer(recorder, memory_budget=int(3.5 * per_sample))
     explainer.explain(batch(), sparsity=0.7)
@@ -122,7 +108,7 @@ def test_planner_learns_from_measured_peaks_and_failures():
 def test_each_split_is_reported_to_the_listener():
     from handler.engine import BatchSplit
 
-    explainer = Explainer(OutOfMemoryAbove(SmallCNN(), limit=3))
+    explainer = Explainer(OutOfMemoryAbove(FlattenHeadCNN(), limit=3))
     splits = []
     explainer.on_batch_split = splits.append
     explainer.explain(batch(), sparsity=0.7)

@@ -19,7 +19,7 @@ from handler.errors import ExplainError
 from handler.models import ModelLoadError, read_state_dict
 from handler.schema import Limits, parse_options
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "efficientnet_lite0"
 RAW = {"Content-Type": "application/octet-stream"}
 
@@ -187,7 +187,7 @@ def test_method_cost_options_above_the_archive_caps_are_refused(lite0_service, m
         at_cap = parse_options({"method": method_with_cost_options, option: cap}, service.limits)
         over = parse_options({"method": method_with_cost_options, option: cap + 1}, service.limits)
         [refused] = service.explain([image], [over])
-        assert isinstance(refused, ExplainError) and refused.type == "over_limit" and str(cap) in refused.message
+        assert isinstance(refused, ExplainError) and refused.code == "over_limit" and str(cap) in refused.message
         service._check_caps(service.explainer.validate(_request(at_cap)))  # at the cap: accepted
     finally:
         service.limits = saved

@@ -10,7 +10,7 @@ from torch import nn
 from handler.engine import SELECTIONS, Explainer, instrument
 from handler.engine.selections import OVERLAP_TOP_CHANNELS
 from handler.evaluation.pathway_overlap import alive_neurons
-from tiny_models import kaiming_resnet18
+from tiny_models import TwoReluCNN, kaiming_resnet18
 
 FAST = {
     "contribution": {},
@@ -21,24 +21,10 @@ FAST = {
 }
 
 
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x):
-        x = self.relu(self.conv1(x))
-        x = self.relu(self.conv2(x))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
 @pytest.fixture(scope="module")
 def small_cnn():
     torch.manual_seed(0)
-    return SmallCNN().double().eval().requires_grad_(False)
+    return TwoReluCNN().double().eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from handler.engine import Explainer, instrument, trace_sites
+from handler.engine import Explainer, instrument
+from handler.engine.sites import trace_sites
 from handler.engine.sites import NoActivationSitesError
 from tiny_models import kaiming
 

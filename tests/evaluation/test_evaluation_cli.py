@@ -11,7 +11,7 @@ import pytest
 
 from handler.evaluation.cli import run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_console_script_is_declared():

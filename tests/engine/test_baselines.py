@@ -10,35 +10,16 @@ from torch import nn
 from handler.engine import METHODS, SELECTIONS, Explainer, InputNormalisation
 from handler.engine.baselines import gaussian_blur, integration_rule
 from handler.errors import InvalidOption
-from tiny_models import kaiming_resnet18
+from tiny_models import MixedActivationCNN, kaiming_resnet18
 
 BASELINE_METHODS = ["input_x_gradient", "integrated_gradients", "smoothgrad", "grad_cam", "guided_backprop"]
 FAST_OPTIONS = {"integrated_gradients": {"steps": 8, "chunk_size": 5}, "smoothgrad": {"samples": 4, "chunk_size": 3}}
 
 
-class SmallCNN(nn.Module):
-    """Conv stack with an in-place ReLU module called twice, a functional relu and a ReLU6."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.relu = nn.ReLU(inplace=True)
-        self.relu6 = nn.ReLU6()
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = self.relu(self.conv1(x))
-        x = self.relu(self.conv2(x)) + x
-        x = self.relu6(torch.nn.functional.relu(self.conv3(x)) * 3)
-        return self.fc(x.mean(dim=(2, 3)))
-
-
 @pytest.fixture(scope="module")
 def small_cnn():
     torch.manual_seed(0)
-    return SmallCNN().double().eval().requires_grad_(False)
+    return MixedActivationCNN().double().eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,119 @@
+"""The service, the one request boundary: one validation step, a job per request, failures isolated per job."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+
+from handler.engine import METHODS, OptionSpec, ValidRequest, register_method
+from handler.errors import ExplainError, InvalidOption
+from handler.serving.responses import http_status
+
+
+def test_validation_types_checks_and_resolves_the_target_once(lite0_service):
+    [checked] = lite0_service.validate([{"target": "espresso", "sparsity": "0.5", "method": "gradient"}],
+                                       explain=True)
+    assert isinstance(checked.request, ValidRequest)
+    assert checked.request.class_index == 967 and checked.request.sparsity == 0.5
+    assert checked.request.method == "gradient" and checked.request.reduce == "max_abs"
+
+
+@pytest.mark.parametrize("raw", [{"sparsity": "1.5"}, {"sparsity": 1.5}])
+def test_one_sparsity_rule_whichever_way_the_value_arrives(lite0_service, raw):
+    from handler.service import request_of
+
+    with pytest.raises(InvalidOption) as from_text:
+        lite0_service.validate([raw], explain=True)
+    with pytest.raises(InvalidOption) as from_engine:  # the engine's own check, reached without the schema
+        lite0_service.explainer.validate(replace(request_of(lite0_service.validate([{}], explain=True)[0].options),
+                                                 sparsity=1.5))
+    assert str(from_text.value) == str(from_engine.value) == "sparsity must be in [0, 1), got 1.5"
+    assert from_text.value.code == from_engine.value.code == "invalid_sparsity"
+
+
+def test_the_engine_runs_validated_requests_without_checking_them_again(lite0_service, coffee, monkeypatch):
+    job = lite0_service.prepare([coffee], [{"method": "gradient", "target": 281, "outputs": "pathway"}],
+                                explain=True)
+    assert job.error is None
+
+    def no_second_check(request):
+        raise AssertionError(f"validated twice: {request}")
+
+    monkeypatch.setattr(lite0_service.explainer, "validate", no_second_check)
+    lite0_service.run([job])
+    assert job.error is None
+    assert job.results[0].document["explanation"]["target"]["index"] == 281
+
+
+def test_a_request_error_is_in_its_job_never_raised(lite0_service):
+    job = lite0_service.prepare([b"not an image"], [{}], explain=False)
+    assert job.error is not None and job.error.code == "not_an_image" and job.images == []
+    job = lite0_service.prepare([b"x"], [{"target": "unicorn"}], explain=False)
+    assert job.error.code == "unknown_label"  # options are checked before any decoding
+
+
+@pytest.fixture
+def method_with_an_unusual_costly_option():
+    """A method whose costly option has a name no cap or table knows: its declared cost still counts."""
+    name = "test_rollout_method"
+    register_method(name, options={"rollouts": OptionSpec(int, 10, minimum=1, passes=3)})(
+        lambda model, x, targets, **options: None)
+    yield name
+    METHODS._entries.pop(name)
+
+
+def test_pass_budget_is_computed_from_the_options_declared_costs(lite0_service, method_with_an_unusual_costly_option):
+    service, method = lite0_service, method_with_an_unusual_costly_option
+    [checked] = service.validate([{"method": method, "rollouts": 7}], explain=True)
+    assert service.explanation_passes(checked.request) == 2 + 3 * 7
+    [default] = service.validate([{"method": method}], explain=True)
+    assert service.explanation_passes(default.request) == 2 + 3 * 10
+    saved = service.limits
+    service.limits = replace(saved, max_passes_per_request=100)
+    try:
+        with pytest.raises(InvalidOption) as refused:
+            service.validate([{"method": method, "rollouts": 17}] * 2, explain=True)  # 2 x (2 + 51) = 106
+        assert refused.value.code == "over_limit" and "106 forward/backward passes" in refused.value.message
+        service.validate([{"method": method, "rollouts": 17}] * 2, explain=False)  # predictions cost no passes
+    finally:
+        service.limits = saved
+
+
+def test_archive_caps_come_from_the_declarations():
+    from handler.serving.archive import DEFAULT_PATHWAY_CONFIG, declared_caps
+
+    assert DEFAULT_PATHWAY_CONFIG["limits"]["method_caps"] == declared_caps()
+    assert declared_caps() == {"steps": 128, "samples": 64, "iterations": 120, "copies": 64}
+
+
+def test_a_bug_in_one_request_is_an_internal_error_logged_with_its_traceback(lite0_service, coffee, monkeypatch,
+                                                                             caplog):
+    service = lite0_service
+    original = service.explainer.explain_requests
+
+    def explain_requests(x, requests):
+        if any(r.class_index == 285 for r in requests):
+            raise ZeroDivisionError("a bug met only by class 285")
+        return original(x, requests)
+
+    monkeypatch.setattr(service.explainer, "explain_requests", explain_requests)
+    jobs = [service.prepare([coffee], [{"method": "gradient", "target": t, "outputs": "pathway"}], explain=True)
+            for t in (281, 285)]
+    with caplog.at_level(logging.ERROR):
+        service.run(jobs)
+    assert jobs[0].error is None and jobs[0].results[0].document["explanation"]["target"]["index"] == 281
+    error = jobs[1].error
+    assert error.code == "internal_error" and http_status(error) == 500 and "ZeroDivisionError" in error.message
+    assert "Traceback" in caplog.text and "a bug met only by class 285" in caplog.text
+
+
+def test_each_error_code_has_one_status():
+    from handler.errors import BadRequest, ImageTooLarge, InternalError, OutOfMemory, UnknownModel
+
+    assert [http_status(e) for e in (InvalidOption("x"), BadRequest("x", code="too_many_instances"),
+                                     InvalidOption("x", code="method_not_allowed"), ImageTooLarge("x"),
+                                     UnknownModel("x"), OutOfMemory("x"), InternalError("x"))] == \
+        [400, 413, 403, 413, 404, 507, 500]
+    assert not hasattr(ExplainError("x"), "status")
