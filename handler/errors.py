@@ -52,3 +52,14 @@ class ImageTooLarge(ExplainError):
 class UnknownModel(ExplainError):
     status = 404
     type = "unknown_model"
+
+
+class UnsupportedModel(ExplainError):
+    """The engine cannot explain this model: names the activation site and the operation that defeat it.
+
+    Not the request's fault (the same request on another model works): 501, as for any functionality the
+    server does not implement.
+    """
+
+    status = 501
+    type = "unsupported_model"

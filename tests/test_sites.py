@@ -113,7 +113,9 @@ def test_model_is_unchanged_after_a_failing_call():
         def forward(self, x):
             x = self.relu(self.conv(x))
             self.calls += 1
-            if self.calls == 3:  # check pass, scoring pass, then fail inside the pathway pass
+            # plain check pass, the site survey's two passes (one sample, two), instrumented check pass,
+            # scoring pass, then fail inside the pathway pass
+            if self.calls == 6:
                 raise RuntimeError("boom")
             return self.fc(x.mean(dim=(2, 3)))
 

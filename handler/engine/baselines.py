@@ -240,7 +240,7 @@ def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
     """
     if layer == "auto":
         captured = CapturedOutput()
-        with instrument(model, capture_site_output(_is_spatial, captured)):
+        with instrument(model, capture_site_output(_is_spatial, captured), inputs=x):
             logits = model(x)
         if not captured.captured:
             raise InvalidOption("grad_cam found no activation with a [C, H, W] output in this model; "
@@ -254,7 +254,7 @@ def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
             raise InvalidOption(str(err), type="invalid_layer") from None
         return captured, logits
     captured = CapturedOutput()
-    with instrument(model, capture_site_output(lambda site: site.name == layer, captured)) as recorder:
+    with instrument(model, capture_site_output(lambda site: site.name == layer, captured), inputs=x) as recorder:
         logits = model(x)
     if not captured.captured:
         last = ", ".join(site.name for site in recorder.layout.sites[-3:])
@@ -336,6 +336,6 @@ def guided_backprop(model, x, targets) -> Attribution:
     ReLU6 modules is what this computes (see ``tests/test_captum_crosscheck.py``).
     Leaky ReLU and PReLU sites are rectified the same way.
     """
-    with instrument(model, rectify_site_gradient, name_sites=False):
+    with instrument(model, rectify_site_gradient, name_sites=False, inputs=x):
         grad, logits, resolved = input_gradient(model, x, targets)
     return Attribution(grad, logits, resolved)

@@ -300,7 +300,7 @@ class Explainer:
     def _neurons_per_sample(self, x: torch.Tensor) -> int:
         shape = tuple(x.shape[1:])
         if shape not in self._neurons:
-            with explaining(self.model), torch.no_grad(), instrument(self.model, name_sites=False) as recorder:
+            with explaining(self.model), torch.no_grad(), instrument(self.model, name_sites=False, inputs=x) as recorder:
                 self.model(x)
             self._neurons[shape] = _neurons_in(recorder)
         return self._neurons[shape]
@@ -340,11 +340,7 @@ class Explainer:
                     + ", ".join(summaries[b]["nonlinear_activations"])
                     + "): the pathway is masked as usual, but it is not exactly linear around the input")
             if scales[request.reduce][b] <= ZERO_MAP_EPS:
-                notes.append(
-                    "the attribution is zero: the target logit does not depend on the input along this path "
-                    "(at high sparsity a pathway can lose the target)" if summaries is not None else
-                    f"the attribution is zero everywhere: {method} finds no input evidence for the target "
-                    "(Grad-CAM is zero where every position of its layer weighs against it)")
+                notes.append(_zero_map_note(method, None if summaries is None else summaries[b]))
             out.append(Explanation(
                 method=method,
                 reduce=request.reduce,
@@ -367,7 +363,7 @@ class Explainer:
         """
         with torch.no_grad():
             plain = self.model(x)
-            with instrument(self.model, out_of_place_transform) as recorder:
+            with instrument(self.model, out_of_place_transform, inputs=x) as recorder:
                 traced = self.model(x)
             self._neurons.setdefault(tuple(x.shape[1:]), _neurons_in(recorder))
         if not torch.allclose(plain, traced, rtol=1e-5, atol=1e-5):
@@ -375,6 +371,23 @@ class Explainer:
                 "instrumenting this model's activations changes its output; it probably relies on an "
                 "in-place activation's side effect without using the activation's return value")
         self._checked = True
+
+
+def _zero_map_note(method: str, summary: Optional[dict]) -> str:
+    """Why a map is zero: the target ignores the input, or the threshold cut every path (naming where)."""
+    if summary is None:
+        return (f"the attribution is zero everywhere: {method} finds no input evidence for the target "
+                "(Grad-CAM is zero where every position of its layer weighs against it)")
+    if summary["kept_neurons"] == 0:
+        return ("the attribution is zero: the target logit does not depend on the input (no neuron contributes "
+                "to it, e.g. a zero-initialised classifier head), so the pathway keeps no neuron")
+    if summary.get("removed_sites"):
+        names = summary["removed_sites"]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return (f"the attribution is zero: the threshold removed every neuron of {len(names)} site(s) ({shown}), "
+                "cutting every path between the input and the target; a lower sparsity keeps them")
+    return ("the attribution is zero: the target logit does not depend on the input along this pathway "
+            "(the kept neurons' paths to the input cancel or are cut by masked neurons)")
 
 
 def _neurons_in(recorder) -> int:

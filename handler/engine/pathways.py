@@ -86,15 +86,18 @@ class Pathway:
         out = []
         for b in range(self.batch_size):
             kept_total = int(sum(kept_per_site[b]))
-            sites = []
-            for i, site in enumerate(self.layout):
-                entry = {
-                    "name": site.name,
-                    "kind": site.kind,
-                    "shape": list(site.shape),
-                    "kept": int(kept_per_site[b][i]),
-                    "total": site.numel,
-                }
+            sites, removed = [], []
+            selectable = iter(enumerate(self.layout))
+            for site in self.layout.sites:
+                entry = {"name": site.name, "kind": site.kind, "call": site.batch, "shape": list(site.shape)}
+                if not site.selectable:  # a table shared by the batch: not part of any pathway, always kept
+                    entry.update(kept=0, total=0, selectable=False)
+                    sites.append(entry)
+                    continue
+                i, _ = next(selectable)
+                entry.update(kept=int(kept_per_site[b][i]), total=site.numel)
+                if entry["kept"] == 0:
+                    removed.append(site.name)
                 if channels is not None:
                     entry["top_channels"] = channels[b][i]
                 sites.append(entry)
@@ -111,6 +114,7 @@ class Pathway:
                 summary["kept_dead_neurons"] = int(dead_kept[b])
             if self.details:
                 summary.update(self.details[b])
+            summary["removed_sites"] = removed  # sites of which the pathway keeps no neuron: every path through them is cut
             summary["sites"] = sites
             out.append(summary)
         return out
@@ -397,7 +401,7 @@ def run_along(model: nn.Module, x: torch.Tensor, pathway: Pathway) -> torch.Tens
             return call.run()
         return call.run() * kept
 
-    with instrument(model, mask, expected=pathway.layout):
+    with instrument(model, mask, expected=pathway.layout, inputs=x):
         return model(x)
 
 
@@ -438,6 +442,12 @@ class _ContributionProbe(torch.autograd.Function):
     Its second input is a scalar token shared by all probes: differentiating
     the target sum with respect to the token runs the backward exactly down to
     the first site, and no further.
+
+    It returns a view of ``a`` (no copy), except at a site whose output the
+    model modifies in place later (EfficientNetV2's ``result += input``):
+    autograd forbids modifying a custom Function's view output in place, and
+    the score needs ``a`` as the activation returned it, so there it returns a
+    copy that the model may overwrite.
     """
 
     @staticmethod
@@ -445,7 +455,7 @@ class _ContributionProbe(torch.autograd.Function):
         ctx.save_for_backward(a)
         ctx.sink = sink
         ctx.site = site
-        return a.view_as(a)
+        return a.clone() if site.overwritten else a.view_as(a)
 
     @staticmethod
     def backward(ctx, grad):
@@ -491,7 +501,7 @@ def score_neurons(
             alive_parts.append((out != 0).flatten(1))
         return _ContributionProbe.apply(out, token, sink, call.site)
 
-    with instrument(model, probe) as recorder:
+    with instrument(model, probe, inputs=x) as recorder:
         logits = model(x.detach())
     layout = recorder.layout
     resolved = resolve_targets(logits.detach(), targets)

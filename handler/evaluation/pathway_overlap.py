@@ -34,7 +34,7 @@ def alive_neurons(model: nn.Module, x: torch.Tensor) -> tuple:
         parts.append((out != 0).flatten(1))
         return out
 
-    with explaining(model), torch.no_grad(), instrument(model, record) as recorder:
+    with explaining(model), torch.no_grad(), instrument(model, record, inputs=x) as recorder:
         model(x)
     return recorder.layout, torch.cat(parts, dim=1)
 
