@@ -176,11 +176,14 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(decoded), args.batch_size):
         chunk = decoded[start:start + args.batch_size]
-        results = service.explain([image for _, _, image in chunk], [options] * len(chunk),
-                                  attribution_dtype=np.float32)
+        try:
+            results = service.explain([image for _, _, image in chunk], [options] * len(chunk),
+                                      attribution_dtype=np.float32)
+        except Exception as err:  # noqa: BLE001 - one line per image, never a traceback
+            results = [err] * len(chunk)
         for (path, stem, _), result in zip(chunk, results):
-            if isinstance(result, ExplainError):
-                print(f"{PROG}: error: {path}: {result}", file=sys.stderr)
+            if isinstance(result, BaseException):
+                print(f"{PROG}: error: {path}: {_one_line(result)}", file=sys.stderr)
                 failures += 1
                 continue
             written = {}
@@ -198,11 +201,20 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if failures else 0
 
 
+def _one_line(err: BaseException) -> str:
+    """An error as one line: its message, prefixed with its type where that is not one of ours."""
+    text = " ".join(str(err).split()) or "no details"
+    return text if isinstance(err, ExplainError) else f"{type(err).__name__}: {text}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         code = run(argv)
     except KeyboardInterrupt:
         code = 130
+    except Exception as err:  # noqa: BLE001 - whatever went wrong, one line and a non-zero exit
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        code = 1
     sys.exit(code)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidOption, InvalidTarget
+from ..errors import ExplainError, InvalidOption, InvalidTarget, UnsupportedModel
 from .batching import BatchPlanner, MemoryBudget, PeakMemory, release_cached_memory
 from .events import BatchSplit, BatchSplitListener, report_split
 from .methods import METHODS, Attribution
@@ -25,9 +25,20 @@ from .normalisation import InputNormalisation
 from .pathways import SELECTIONS
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
 from .registry import UnknownNameError
-from .sites import NoActivationSitesError, instrument, out_of_place_transform
+from .sites import NoActivationSitesError, instrument, last_activation_call, out_of_place_transform
 
 Target = Union[int, str, None]
+
+
+class EngineFailure(UnsupportedModel, RuntimeError):
+    """The model raised under the engine's instrumented passes: which method, at which activation call, and why."""
+
+    def __init__(self, method: str, cause: BaseException):
+        where = last_activation_call()
+        text = str(cause).strip().splitlines()
+        super().__init__(
+            f"{method} cannot explain this model: {type(cause).__name__}"
+            + (f" after {where}" if where else "") + (f": {text[0]}" if text else ""))
 
 
 @dataclass(frozen=True)
@@ -314,8 +325,13 @@ class Explainer:
             selection_options = {k: v for k, v in options.items() if k not in method.options}
             kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection,
                           selection_options=selection_options)
-        with explaining(self.model):
-            attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
+        try:
+            with explaining(self.model):
+                attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
+        except (ExplainError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the model failed under the engine's passes: say where, typed
+            raise EngineFailure(method_name, err) from err
         return self._package(attribution, method_name, requests)
 
     def _package(self, attribution: Attribution, method: str, requests) -> list:
@@ -367,7 +383,7 @@ class Explainer:
                 traced = self.model(x)
             self._neurons.setdefault(tuple(x.shape[1:]), _neurons_in(recorder))
         if not torch.allclose(plain, traced, rtol=1e-5, atol=1e-5):
-            raise RuntimeError(
+            raise UnsupportedModel(
                 "instrumenting this model's activations changes its output; it probably relies on an "
                 "in-place activation's side effect without using the activation's return value")
         self._checked = True

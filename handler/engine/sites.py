@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -54,6 +55,18 @@ class SiteMismatchError(UnsupportedModel, RuntimeError):
 
 class NoActivationSitesError(UnsupportedModel):
     """The model has no activation call this module can instrument."""
+
+
+class _LastCall(threading.local):
+    where: Optional[str] = None
+
+
+_LAST_CALL = _LastCall()
+
+
+def last_activation_call() -> Optional[str]:
+    """The last activation call this thread's instrumentation handed out (``"name (op)"``), for error messages."""
+    return _LAST_CALL.where
 
 
 #: How a call's leading dimension relates to the batch (see :func:`survey_sites`).
@@ -314,6 +327,7 @@ class _SiteInterceptor(TorchFunctionMode):
                         overwritten)
         self._offset += site.numel
         self.sites.append(site)
+        _LAST_CALL.where = f"activation site {site.name!r} ({_op_name(func)}, {batch_kind}, shape {list(full)})"
         if batch_kind == BATCH_SHARED:  # not selectable: runs as the model asked, no transform sees it
             return func(*args, **kwargs)
         if batch_kind == BATCH_FOLDED:
@@ -442,6 +456,7 @@ def instrument(
         survey = survey_sites(model, inputs)
     batch = None if inputs is None else int(inputs.shape[0])
     interceptor = _SiteInterceptor(transform, names, expected, batch, survey)
+    _LAST_CALL.where = None
     with interceptor:
         yield SiteRecorder(interceptor)
 
