@@ -27,7 +27,8 @@ from .normalisation import InputNormalisation
 from .options import OptionSpec
 from .pathways import resolve_targets, target_sum
 from .sites import (
-    CapturedOutput, SiteCall, UncapturableOutputError, capture_module_output, capture_site_output, instrument)
+    PER_SAMPLE, CapturedOutput, SiteCall, UncapturableOutputError, capture_module_output, capture_site_output,
+    instrument)
 
 #: Largest seed the ``seed`` options accept (what fits a JSON number exactly and ``Generator.manual_seed``).
 MAX_SEED = 2**32 - 1
@@ -227,7 +228,7 @@ def smoothgrad(model, x, targets, *, samples: int = 50, noise: float = 0.15, see
 
 
 def _is_spatial(site) -> bool:
-    return len(site.shape) == 3  # [C, H, W] per sample
+    return len(site.shape) == 3 and site.batch == PER_SAMPLE  # [C, H, W] per sample (a folded call's is [k, T, C])
 
 
 def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
