@@ -35,6 +35,7 @@ other module's through a forward hook that lives as long as its ``with`` block
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 import weakref
@@ -193,11 +194,11 @@ class SiteLayout:
 
     sites: tuple
 
-    @property
+    @functools.cached_property
     def selectable(self) -> tuple:
         return tuple(s for s in self.sites if s.selectable)
 
-    @property
+    @functools.cached_property
     def shared(self) -> tuple:
         return tuple(s for s in self.sites if not s.selectable)
 
