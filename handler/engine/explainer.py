@@ -41,6 +41,10 @@ class EngineFailure(UnsupportedModel, RuntimeError):
             + (f" after {where}" if where else "") + (f": {text[0]}" if text else ""))
 
 
+class InPlaceSideEffect(UnsupportedModel, RuntimeError):
+    """The model uses an in-place activation's side effect and ignores its return value."""
+
+
 @dataclass(frozen=True)
 class ExplainRequest:
     """What one sample asks for; ``None`` fields fall back to the explainer's defaults."""
@@ -383,7 +387,7 @@ class Explainer:
                 traced = self.model(x)
             self._neurons.setdefault(tuple(x.shape[1:]), _neurons_in(recorder))
         if not torch.allclose(plain, traced, rtol=1e-5, atol=1e-5):
-            raise UnsupportedModel(
+            raise InPlaceSideEffect(
                 "instrumenting this model's activations changes its output; it probably relies on an "
                 "in-place activation's side effect without using the activation's return value")
         self._checked = True
