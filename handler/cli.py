@@ -235,11 +235,14 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     for start in range(0, len(decoded), args.batch_size):
         chunk = decoded[start:start + args.batch_size]
-        results = service.explain([image for _, _, image in chunk], [options] * len(chunk),
-                                  attribution_dtype=np.float32, visualization=visualization)
+        try:
+            results = service.explain([image for _, _, image in chunk], [options] * len(chunk),
+                                      attribution_dtype=np.float32, visualization=visualization)
+        except Exception as err:  # noqa: BLE001 - one line per image, never a traceback
+            results = [err] * len(chunk)
         for (path, stem, _), result in zip(chunk, results):
-            if isinstance(result, ExplainError):
-                print(f"{PROG}: error: {path}: {result}", file=sys.stderr)
+            if isinstance(result, BaseException):
+                print(f"{PROG}: error: {path}: {_one_line(result)}", file=sys.stderr)
                 failures += 1
                 continue
             written = {name: f"{stem}.{OUTPUT_SUFFIXES[name]}" for name in result.artifacts}
@@ -258,6 +261,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{path}: predicted {top['label']} ({top['probability']:.3f}); explained "
                   f"{target['label']} -> {args.out / stem}.*")
     return 1 if failures else 0
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line: its message, prefixed with its type where that is not one of ours."""
+    text = " ".join(str(err).split()) or "no details"
+    return text if isinstance(err, ExplainError) else f"{type(err).__name__}: {text}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

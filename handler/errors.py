@@ -77,3 +77,13 @@ class InternalError(ExplainError):
 
 class UsageError(Exception):
     """A command line the CLIs cannot run (conflicting flags, a missing file, no CUDA): exit status 2."""
+
+
+class UnsupportedModel(ExplainError):
+    """The engine cannot explain this model: names the activation site and the operation that defeat it.
+
+    Not the request's fault (the same request on another model works): the server answers it as a
+    functionality it does not implement.
+    """
+
+    code = "unsupported_model"

@@ -17,8 +17,8 @@ Response (``/explanations`` and ``pathway-explain``'s ``STEM.json``)::
         "notes": [],
         "pathway": {"selection": "contribution", "requested_sparsity": 0.7, "realised_sparsity": 0.7001,
                     "kept_neurons": ..., "total_neurons": ..., "locally_linear": true,
-                    "nonlinear_activations": [], "sites": [{"name", "kind", "shape", "kept", "total",
-                    "top_channels"}, ...]},
+                    "nonlinear_activations": [], "removed_sites": [],
+                    "sites": [{"name", "kind", "call", "shape", "kept", "total", "top_channels"}, ...]},
         "heatmap": {"media_type": "image/png", "encoding": "base64", "data": "..."},   # server
         "heatmap": {"media_type": "image/png", "path": "coffee.heatmap.png"}           # CLI
       },

@@ -27,7 +27,8 @@ from .normalisation import InputNormalisation
 from .options import OptionSpec
 from .pathways import resolve_targets, target_sum
 from .sites import (
-    CapturedOutput, SiteCall, UncapturableOutputError, capture_module_output, capture_site_output, instrument)
+    PER_SAMPLE, CapturedOutput, SiteCall, UncapturableOutputError, capture_module_output, capture_site_output,
+    instrument)
 
 #: Largest seed the ``seed`` options accept (what fits a JSON number exactly and ``Generator.manual_seed``).
 MAX_SEED = 2**32 - 1
@@ -228,7 +229,7 @@ def smoothgrad(model, x, targets, *, samples: int = 50, noise: float = 0.15, see
 
 
 def _is_spatial(site) -> bool:
-    return len(site.shape) == 3  # [C, H, W] per sample
+    return len(site.shape) == 3 and site.batch == PER_SAMPLE  # [C, H, W] per sample (a folded call's is [k, T, C])
 
 
 def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
@@ -241,7 +242,7 @@ def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
     """
     if layer == "auto":
         captured = CapturedOutput()
-        with instrument(model, capture_site_output(_is_spatial, captured)):
+        with instrument(model, capture_site_output(_is_spatial, captured), inputs=x):
             logits = model(x)
         if not captured.captured:
             raise InvalidOption("grad_cam found no activation with a [C, H, W] output in this model; "
@@ -255,7 +256,7 @@ def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
             raise InvalidOption(str(err), code="invalid_layer") from None
         return captured, logits
     captured = CapturedOutput()
-    with instrument(model, capture_site_output(lambda site: site.name == layer, captured)) as recorder:
+    with instrument(model, capture_site_output(lambda site: site.name == layer, captured), inputs=x) as recorder:
         logits = model(x)
     if not captured.captured:
         last = ", ".join(site.name for site in recorder.layout.sites[-3:])
@@ -337,6 +338,6 @@ def guided_backprop(model, x, targets) -> Attribution:
     ReLU6 modules is what this computes (see ``tests/engine/test_captum_crosscheck.py``).
     Leaky ReLU and PReLU sites are rectified the same way.
     """
-    with instrument(model, rectify_site_gradient, name_sites=False):
+    with instrument(model, rectify_site_gradient, name_sites=False, inputs=x):
         grad, logits, resolved = input_gradient(model, x, targets)
     return Attribution(grad, logits, resolved)

@@ -23,6 +23,12 @@ class _ContributionProbe(torch.autograd.Function):
     Its second input is a scalar token shared by all probes: differentiating
     the target sum with respect to the token runs the backward exactly down to
     the first site, and no further.
+
+    It returns a view of ``a`` (no copy), except at a site whose output the
+    model modifies in place later (EfficientNetV2's ``result += input``):
+    autograd forbids modifying a custom Function's view output in place, and
+    the score needs ``a`` as the activation returned it, so there it returns a
+    copy that the model may overwrite.
     """
 
     @staticmethod
@@ -30,7 +36,7 @@ class _ContributionProbe(torch.autograd.Function):
         ctx.save_for_backward(a)
         ctx.sink = sink
         ctx.site = site
-        return a.view_as(a)
+        return a.clone() if site.overwritten else a.view_as(a)
 
     @staticmethod
     def backward(ctx, grad):
@@ -76,7 +82,7 @@ def score_neurons(
             alive_parts.append((out != 0).flatten(1))
         return _ContributionProbe.apply(out, token, sink, call.site)
 
-    with instrument(model, probe) as recorder:
+    with instrument(model, probe, inputs=x) as recorder:
         logits = model(x.detach())
     layout = recorder.layout
     resolved = resolve_targets(logits.detach(), targets)

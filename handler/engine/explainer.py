@@ -17,17 +17,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidOption
+from ..errors import ExplainError, InvalidOption, UnsupportedModel
 from .batching import BatchPlanner, MemoryBudget, PeakMemory, release_cached_memory
 from .events import BatchSplit, BatchSplitListener, report_split
 from .methods import METHODS, Attribution
 from .normalisation import InputNormalisation
 from .options import check_sparsity
-from .pathways import SELECTIONS, pathway_notes
+from .pathways import SELECTIONS, pathway_notes, pathway_zero_note
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
-from .sites import NoActivationSitesError, instrument, out_of_place_transform
+from .sites import NoActivationSitesError, instrument, last_activation_call, out_of_place_transform
 from .targets import ClassNames, Target
 
+
+
+class EngineFailure(UnsupportedModel, RuntimeError):
+    """The model raised under the engine's instrumented passes: which method, at which activation call, and why."""
+
+    def __init__(self, method: str, cause: BaseException):
+        where = last_activation_call()
+        text = str(cause).strip().splitlines()
+        super().__init__(
+            f"{method} cannot explain this model: {type(cause).__name__}"
+            + (f" after {where}" if where else "") + (f": {text[0]}" if text else ""))
+
+
+class InPlaceSideEffect(UnsupportedModel, RuntimeError):
+    """The model uses an in-place activation's side effect and ignores its return value."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +300,7 @@ class Explainer:
     def _neurons_per_sample(self, x: torch.Tensor) -> int:
         shape = tuple(x.shape[1:])
         if shape not in self._neurons:
-            with explaining(self.model), torch.no_grad(), instrument(self.model, name_sites=False) as recorder:
+            with explaining(self.model), torch.no_grad(), instrument(self.model, name_sites=False, inputs=x) as recorder:
                 self.model(x)
             self._neurons[shape] = _neurons_in(recorder)
         return self._neurons[shape]
@@ -299,8 +314,13 @@ class Explainer:
             selection_options = {k: v for k, v in options.items() if k not in method.options}
             kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection,
                           selection_options=selection_options)
-        with explaining(self.model):
-            attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
+        try:
+            with explaining(self.model):
+                attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
+        except (ExplainError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the model failed under the engine's passes: say where, typed
+            raise EngineFailure(method_name, err) from err
         return self._package(attribution, method_name, requests)
 
     def _package(self, attribution: Attribution, method: str, requests) -> list:
@@ -321,7 +341,7 @@ class Explainer:
         for b, request in enumerate(requests):
             notes = [] if summaries is None else pathway_notes(summaries[b])
             if scales[request.reduce][b] <= ZERO_MAP_EPS:
-                notes.append(zero_note)
+                notes.append(pathway_zero_note(summaries[b]) if summaries is not None else zero_note)
             out.append(Explanation(
                 method=method,
                 reduce=request.reduce,
@@ -344,11 +364,11 @@ class Explainer:
         """
         with torch.no_grad():
             plain = self.model(x)
-            with instrument(self.model, out_of_place_transform) as recorder:
+            with instrument(self.model, out_of_place_transform, inputs=x) as recorder:
                 traced = self.model(x)
             self._neurons.setdefault(tuple(x.shape[1:]), _neurons_in(recorder))
         if not torch.allclose(plain, traced, rtol=1e-5, atol=1e-5):
-            raise RuntimeError(
+            raise InPlaceSideEffect(
                 "instrumenting this model's activations changes its output; it probably relies on an "
                 "in-place activation's side effect without using the activation's return value")
         self._checked = True

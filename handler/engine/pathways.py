@@ -81,15 +81,18 @@ class Pathway:
         out = []
         for b in range(self.batch_size):
             kept_total = int(sum(kept_per_site[b]))
-            sites = []
-            for i, site in enumerate(self.layout):
-                entry = {
-                    "name": site.name,
-                    "kind": site.kind,
-                    "shape": list(site.shape),
-                    "kept": int(kept_per_site[b][i]),
-                    "total": site.numel,
-                }
+            sites, removed = [], []
+            selectable = iter(enumerate(self.layout))
+            for site in self.layout.sites:
+                entry = {"name": site.name, "kind": site.kind, "call": site.batch, "shape": list(site.shape)}
+                if not site.selectable:  # a table shared by the batch: not part of any pathway, always kept
+                    entry.update(kept=0, total=0, selectable=False)
+                    sites.append(entry)
+                    continue
+                i, _ = next(selectable)
+                entry.update(kept=int(kept_per_site[b][i]), total=site.numel)
+                if entry["kept"] == 0:
+                    removed.append(site.name)
                 if channels is not None:
                     entry["top_channels"] = channels[b][i]
                 sites.append(entry)
@@ -106,6 +109,7 @@ class Pathway:
                 summary["kept_dead_neurons"] = int(dead_kept[b])
             if self.details:
                 summary.update(self.details[b])
+            summary["removed_sites"] = removed  # sites of which the pathway keeps no neuron: every path through them is cut
             summary["sites"] = sites
             out.append(summary)
         return out
@@ -117,6 +121,21 @@ def pathway_notes(summary: dict) -> list:
         return []
     return ["the model has non-piecewise-linear activations (" + ", ".join(summary["nonlinear_activations"])
             + "): the pathway is masked as usual, but it is not exactly linear around the input"]
+
+
+def pathway_zero_note(summary: dict) -> str:
+    """Why a pathway method's map is zero: the target ignores the input, or the threshold cut every path
+    (naming the sites it removed entirely), or the kept paths cancel."""
+    if summary["kept_neurons"] == 0:
+        return ("the attribution is zero: the target logit does not depend on the input (no neuron contributes "
+                "to it, e.g. a zero-initialised classifier head), so the pathway keeps no neuron")
+    if summary.get("removed_sites"):
+        names = summary["removed_sites"]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return (f"the attribution is zero: the threshold removed every neuron of {len(names)} site(s) ({shown}), "
+                "cutting every path between the input and the target; a lower sparsity keeps them")
+    return ("the attribution is zero: the target logit does not depend on the input along this pathway "
+            "(the kept neurons' paths to the input cancel or are cut by masked neurons)")
 
 
 def resolve_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -171,7 +190,7 @@ def run_along(model: nn.Module, x: torch.Tensor, pathway: Pathway) -> torch.Tens
             return call.run()
         return call.run() * kept
 
-    with instrument(model, mask, expected=pathway.layout):
+    with instrument(model, mask, expected=pathway.layout, inputs=x):
         return model(x)
 
 

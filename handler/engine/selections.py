@@ -33,7 +33,7 @@ def observe_network(model: nn.Module, x: torch.Tensor) -> tuple:
         alive_parts.append((out != 0).flatten(1))
         return out
 
-    with torch.no_grad(), instrument(model, record) as recorder:
+    with torch.no_grad(), instrument(model, record, inputs=x) as recorder:
         logits = model(x)
     return logits, recorder.layout, torch.cat(alive_parts, dim=1)
 
@@ -114,7 +114,7 @@ def select_by_pruning_gates(model, x, targets, sparsity, *, iterations: int = 10
     distillation = None
     with torch.enable_grad():
         for _ in range(iterations):
-            with instrument(model, gated, expected=layout):
+            with instrument(model, gated, expected=layout, inputs=x):
                 out = model(x)
             distillation = -(reference * out.log_softmax(dim=1)).sum(dim=1)  # [B] cross-entropy to the original
             loss = distillation.sum() + GATE_L1 * gates.abs().sum()
@@ -250,7 +250,7 @@ def resample(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, copies: i
                 call.site.view(acts).copy_(out)
             return out
 
-        with torch.no_grad(), instrument(model, record, expected=layout) as recorder:
+        with torch.no_grad(), instrument(model, record, expected=layout, inputs=inputs) as recorder:
             logits = model(inputs)
         if layout is None:
             layout = recorder.layout

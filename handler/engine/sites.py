@@ -14,6 +14,18 @@ in place or not) and returns what the rest of the network sees. Nothing is
 patched on the model and no hook is registered: the mode lives exactly as long
 as the ``with`` block, and sites are named by looking up the call stack.
 
+A call's leading dimension need not be the batch. Before instrumenting a model
+on an input shape for the first time, :func:`survey_sites` runs it (no gradients)
+on one sample and on two copies of it and compares each call's leading
+dimension: ``B`` (a *per-sample* call), ``k·B`` (a *batch-folded* call: patches
+folded into the batch, MobileViT), or the same at both sizes (a *batch-shared*
+call: a table computed from parameters, Swin-V2's position-bias MLP). Transforms
+see folded calls regrouped as ``[B, k, ...]`` (neuron = sample, fold, element) and
+never see shared calls, which run as the model asked and are not selectable
+(docs/methods.md says why). The survey also records which outputs the model
+overwrites in place after the activation returned (EfficientNetV2's
+``result += input``), so a transform can give those, and only those, a copy.
+
 One layer's output can also be kept from inside a forward (Grad-CAM's layer):
 an activation site's through a transform (:func:`capture_site_output`), any
 other module's through a forward hook that lives as long as its ``with`` block
@@ -23,7 +35,10 @@ other module's through a forward hook that lives as long as its ``with`` block
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -32,13 +47,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import UnsupportedModel
 
-class SiteMismatchError(RuntimeError):
+
+class SiteMismatchError(UnsupportedModel, RuntimeError):
     """A pass met different activation sites than the pass its pathway came from."""
 
 
-class NoActivationSitesError(ValueError):
+class NoActivationSitesError(UnsupportedModel):
     """The model has no activation call this module can instrument."""
+
+
+class _LastCall(threading.local):
+    where: Optional[str] = None
+
+
+_LAST_CALL = _LastCall()
+
+
+def last_activation_call() -> Optional[str]:
+    """The last activation call this thread's instrumentation handed out (``"name (op)"``), for error messages."""
+    return _LAST_CALL.where
+
+
+#: How a call's leading dimension relates to the batch (see :func:`survey_sites`).
+PER_SAMPLE, BATCH_FOLDED, BATCH_SHARED = "per_sample", "batch_folded", "batch_shared"
 
 
 # ---------------------------------------------------------------------------
@@ -120,26 +153,54 @@ class Site:
     name: str
     kind: str
     piecewise_linear: bool
-    shape: tuple  # per sample (no batch dimension)
+    shape: tuple  # per sample (no batch dimension; a folded call's fold first); a shared call's whole shape
     offset: int
+    batch: str = PER_SAMPLE  # PER_SAMPLE, BATCH_FOLDED or BATCH_SHARED
+    overwritten: bool = False  # the model modifies the output in place after the activation returned
+
+    @property
+    def selectable(self) -> bool:
+        """Whether the site's neurons are on the ``[B, N]`` axis (a batch-shared table's are not)."""
+        return self.batch != BATCH_SHARED
 
     @property
     def numel(self) -> int:
+        """Neurons per sample on the flat axis (0 for a batch-shared site)."""
+        if not self.selectable:
+            return 0
+        return self.table_numel
+
+    @property
+    def table_numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
         return n
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:
-        """This site's slice of a ``[B, N]`` tensor, shaped like the activation."""
+        """This site's slice of a ``[B, N]`` tensor, shaped like the activation (per sample)."""
         return flat[:, self.offset : self.offset + self.numel].view(flat.shape[0], *self.shape)
 
 
 @dataclass(frozen=True)
 class SiteLayout:
-    """All sites of one forward pass, in call order."""
+    """All sites of one forward pass, in call order.
+
+    ``sites`` holds every call; iterating the layout (and ``len``) covers the
+    selectable ones, whose neurons are on the ``[B, N]`` axis. Batch-shared
+    sites do not depend on the input, so they neither count for the local
+    linearity around it nor hold neurons of a pathway.
+    """
 
     sites: tuple
+
+    @functools.cached_property
+    def selectable(self) -> tuple:
+        return tuple(s for s in self.sites if s.selectable)
+
+    @functools.cached_property
+    def shared(self) -> tuple:
+        return tuple(s for s in self.sites if not s.selectable)
 
     @property
     def total(self) -> int:
@@ -148,17 +209,17 @@ class SiteLayout:
 
     @property
     def locally_linear(self) -> bool:
-        return all(s.piecewise_linear for s in self.sites)
+        return all(s.piecewise_linear for s in self.selectable)
 
     @property
     def nonlinear_kinds(self) -> list:
-        return sorted({s.kind for s in self.sites if not s.piecewise_linear})
+        return sorted({s.kind for s in self.selectable if not s.piecewise_linear})
 
     def __len__(self) -> int:
-        return len(self.sites)
+        return len(self.selectable)
 
     def __iter__(self):
-        return iter(self.sites)
+        return iter(self.selectable)
 
 
 class SiteCall:
@@ -166,26 +227,45 @@ class SiteCall:
 
     Every registered activation is elementwise with ``f(0) = 0``, so zeroing an
     input neuron zeroes the output neuron: a transform may mask either side.
+
+    A batch-folded call (leading dimension ``k·B``) is shown regrouped per
+    sample: :attr:`input`, :meth:`run` and :meth:`run_on` work on ``[B, k, ...]``
+    tensors, and the interceptor hands the network the original shape back.
     """
 
-    __slots__ = ("site", "input", "inplace", "_func", "_args", "_kwargs")
+    __slots__ = ("site", "input", "inplace", "_func", "_args", "_kwargs", "_regroup", "_input_is_view")
 
-    def __init__(self, site: Site, func, args, kwargs, inplace: bool):
+    def __init__(self, site: Site, func, args, kwargs, inplace: bool, regroup: Optional[tuple] = None):
         self.site = site
-        self.input: torch.Tensor = args[0]
         self.inplace = inplace
         self._func, self._args, self._kwargs = func, args, kwargs
+        self._regroup = regroup  # (B, *per-sample shape) of a folded call
+        self._input_is_view = True
+        if regroup is None:
+            self.input: torch.Tensor = args[0]
+        else:
+            self.input = self._per_sample(args[0])
+            self._input_is_view = self.input._base is not None or self.input is args[0]
+
+    def _per_sample(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            return tensor.view(self._regroup)
+        except RuntimeError:  # not viewable (strided): a copy
+            return tensor.reshape(self._regroup)
 
     @property
     def may_modify_input(self) -> bool:
         """The model asked for an in-place call, so overwriting the input is what it expects anyway."""
-        return self.inplace and not (self.input.is_leaf and self.input.requires_grad)
+        original = self._args[0]
+        return self.inplace and self._input_is_view and not (original.is_leaf and original.requires_grad)
 
     def run(self, *, out_of_place: bool = False) -> torch.Tensor:
         """The activation as the model called it (in place if it asked for that, unless ``out_of_place``)."""
         if self.inplace and (out_of_place or not self.may_modify_input):
-            return self._func(self.input.clone(), *self._args[1:], **self._kwargs)
-        return self._func(*self._args, **self._kwargs)
+            out = self._func(self._args[0].clone(), *self._args[1:], **self._kwargs)
+        else:
+            out = self._func(*self._args, **self._kwargs)
+        return out if self._regroup is None else self._per_sample(out)
 
     def run_on(self, tensor: torch.Tensor) -> torch.Tensor:
         """The same activation (same arguments) applied out of place to ``tensor`` instead of the call's input.
@@ -195,7 +275,10 @@ class SiteCall:
         """
         if self.inplace:
             tensor = tensor.clone()
-        return self._func(tensor, *self._args[1:], **self._kwargs)
+        if self._regroup is None:
+            return self._func(tensor, *self._args[1:], **self._kwargs)
+        out = self._func(tensor.reshape(self._args[0].shape), *self._args[1:], **self._kwargs)
+        return self._per_sample(out)
 
 
 #: A site transform runs one call (``call.run()``) and returns the tensor the rest of the network continues with.
@@ -203,11 +286,14 @@ SiteTransform = Callable[[SiteCall], torch.Tensor]
 
 
 class _SiteInterceptor(TorchFunctionMode):
-    def __init__(self, transform: SiteTransform, names: Optional["_SiteNamer"], expected: Optional[SiteLayout]):
+    def __init__(self, transform: SiteTransform, names: Optional["_SiteNamer"], expected: Optional[SiteLayout],
+                 batch: Optional[int] = None, survey: Optional[tuple] = None):
         super().__init__()
         self.transform = transform
         self.names = names
         self.expected = expected
+        self.batch = batch  # None: every call's leading dimension is taken as the batch
+        self.survey = survey
         self.sites: list = []
         self._offset = 0
 
@@ -218,23 +304,58 @@ class _SiteInterceptor(TorchFunctionMode):
             return func(*args, **kwargs)
         kind = activation.kind_of(args, kwargs)
         index = len(self.sites)
-        shape = tuple(args[0].shape[1:])
+        batch_kind, fold, overwritten = self._batch_kind(index, func, kind, args[0])
+        full = tuple(args[0].shape)
+        if batch_kind == BATCH_SHARED:
+            shape = full
+        elif batch_kind == BATCH_FOLDED:
+            shape = (fold, *full[1:])
+        else:
+            shape = full[1:]
         if self.expected is not None:
-            if index >= len(self.expected):
+            if index >= len(self.expected.sites):
                 raise SiteMismatchError(
-                    f"this pass met more activation sites than the pathway has ({len(self.expected)})")
+                    f"this pass met more activation sites than the pathway has ({len(self.expected.sites)})")
             want = self.expected.sites[index]
-            if want.shape != shape:
+            if want.shape != shape or want.batch != batch_kind:
                 raise SiteMismatchError(
-                    f"activation site {index} ({want.name}) has shape {shape} in this pass "
-                    f"but {want.shape} in the pathway")
+                    f"activation site {index} ({want.name}) has shape {shape} ({batch_kind}) in this pass "
+                    f"but {want.shape} ({want.batch}) in the pathway")
             site = want
         else:
             name = self.names.name_for(kind) if self.names is not None else f"site{index}"
-            site = Site(index, name, kind, kind in PIECEWISE_LINEAR_KINDS, shape, self._offset)
+            site = Site(index, name, kind, kind in PIECEWISE_LINEAR_KINDS, shape, self._offset, batch_kind,
+                        overwritten)
         self._offset += site.numel
         self.sites.append(site)
+        _LAST_CALL.where = f"activation site {site.name!r} ({_op_name(func)}, {batch_kind}, shape {list(full)})"
+        if batch_kind == BATCH_SHARED:  # not selectable: runs as the model asked, no transform sees it
+            return func(*args, **kwargs)
+        if batch_kind == BATCH_FOLDED:
+            call = SiteCall(site, func, args, kwargs, activation.inplace(args, kwargs), (self.batch, *shape))
+            return self.transform(call).reshape(full)
         return self.transform(SiteCall(site, func, args, kwargs, activation.inplace(args, kwargs)))
+
+    def _batch_kind(self, index: int, func, kind: str, tensor: torch.Tensor) -> tuple:
+        """``(batch kind, fold, overwritten)`` of call ``index``, checked against this pass's batch."""
+        if self.expected is not None and index < len(self.expected.sites):
+            want = self.expected.sites[index]
+            survey = (want.batch, want.shape[0] if want.batch == BATCH_FOLDED else 1, want.overwritten)
+        elif self.survey is not None:
+            if index >= len(self.survey):
+                raise UnsupportedModel(
+                    f"activation call {index} ({_op_name(func)}) was not met when the model was surveyed: "
+                    "its activation calls depend on the input, which pathways cannot follow")
+            survey = self.survey[index]
+        else:
+            return PER_SAMPLE, 1, False
+        batch_kind, fold, _ = survey
+        lead = tensor.shape[0]
+        if self.batch is not None and batch_kind != BATCH_SHARED and lead != fold * self.batch:
+            raise UnsupportedModel(
+                f"activation call {index} ({_op_name(func)}, {kind}) has leading dimension {lead} for a batch of "
+                f"{self.batch}; the survey expected {fold} x batch")
+        return survey
 
     def layout(self) -> SiteLayout:
         if not self.sites:
@@ -242,10 +363,19 @@ class _SiteInterceptor(TorchFunctionMode):
                 "the model made no activation call that can be instrumented "
                 "(ReLU, ReLU6, Hardtanh, LeakyReLU, PReLU, SiLU, GELU, Hardswish, Mish, ELU, SELU, CELU); "
                 "TorchScript modules are opaque to instrumentation")
-        if self.expected is not None and len(self.sites) != len(self.expected):
+        if self.expected is not None and len(self.sites) != len(self.expected.sites):
             raise SiteMismatchError(
-                f"this pass met {len(self.sites)} activation sites, the pathway has {len(self.expected)}")
-        return SiteLayout(tuple(self.sites))
+                f"this pass met {len(self.sites)} activation sites, the pathway has {len(self.expected.sites)}")
+        layout = SiteLayout(tuple(self.sites))
+        if not layout.selectable:
+            raise NoActivationSitesError(
+                "every activation call of the model works on a table shared by the whole batch (computed from "
+                "parameters, not from the input): there are no neurons of the input to select")
+        return layout
+
+
+def _op_name(func) -> str:
+    return getattr(func, "__name__", str(func))
 
 
 class _SiteNamer:
@@ -308,18 +438,110 @@ def instrument(
     *,
     expected: Optional[SiteLayout] = None,
     name_sites: bool = True,
+    inputs: Optional[torch.Tensor] = None,
 ) -> Iterator[SiteRecorder]:
     """Run forwards of ``model`` inside this block with every activation call routed through ``transform``.
 
-    With ``expected``, each call must match that layout (same count, order and
-    shapes) or :class:`SiteMismatchError` is raised: a pathway is never applied
-    to a different set of sites. The model is left exactly as it was, also when
-    the block raises.
+    ``inputs``: the batch the block will forward. With it, every call is
+    classified (per-sample, batch-folded, batch-shared: :func:`survey_sites`,
+    run once per model and input shape, before the block); without it, every
+    call's leading dimension is taken as the batch.
+    With ``expected``, each call must match that layout (same count, order,
+    shapes and kinds) or :class:`SiteMismatchError` is raised: a pathway is never
+    applied to a different set of sites. The model is left exactly as it was,
+    also when the block raises.
     """
     names = _SiteNamer(model) if (name_sites and expected is None) else None
-    interceptor = _SiteInterceptor(transform, names, expected)
+    survey = None
+    if inputs is not None and expected is None:
+        survey = survey_sites(model, inputs)
+    batch = None if inputs is None else int(inputs.shape[0])
+    interceptor = _SiteInterceptor(transform, names, expected, batch, survey)
+    _LAST_CALL.where = None
     with interceptor:
         yield SiteRecorder(interceptor)
+
+
+# ---------------------------------------------------------------------------
+# Survey: how each call's leading dimension relates to the batch.
+# ---------------------------------------------------------------------------
+
+
+class _Surveyor(TorchFunctionMode):
+    """Records each activation call's leading dimension and output (run as the model asked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []  # (leading dimension, output, output version after the call, op name)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (func in _ACTIVATIONS and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1
+                and isinstance(out, torch.Tensor)):
+            self.calls.append((int(args[0].shape[0]), out, out._version, _op_name(func)))
+        return out
+
+
+_SURVEYS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def survey_sites(model: nn.Module, inputs: torch.Tensor) -> tuple:
+    """Per activation call, ``(batch kind, fold, overwritten)`` for ``model`` on inputs shaped like ``inputs``.
+
+    Two forwards without gradients (eval mode, restored after), on the first
+    sample and on two copies of it, once per model, per-sample shape, dtype
+    and device (cached). A call whose leading dimension doubles with the batch
+    is per-sample (``fold`` = its leading dimension at batch 1: 1, or ``k`` for a
+    batch-folded call, whose ``[k·B, ...]`` input is taken as batch-major
+    ``[B, k, ...]``, as a reshape of ``[B, k, ...]`` lays it out); one whose
+    leading dimension stays the same is batch-shared; any other is refused with
+    :class:`~handler.errors.UnsupportedModel`. ``overwritten``: the model
+    modified the output in place after the activation returned.
+    """
+    key = (tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
+    per_model = _SURVEYS.setdefault(model, {})
+    if key in per_model:
+        return per_model[key]
+    one = inputs[:1].detach()
+    training = [m for m in model.modules() if m.training]
+    try:
+        for m in training:
+            m.training = False
+        with torch.no_grad():
+            single = _Surveyor()
+            with single:
+                model(one)
+            ones = [(lead, out._version != version, op) for lead, out, version, op in single.calls]
+            del single
+            double = _Surveyor()
+            try:
+                with double:
+                    model(torch.cat([one, one]))
+                twos = [lead for lead, _, _, _ in double.calls]
+            except Exception:  # noqa: BLE001 - a model that takes one sample at a time: no batch to fold or share
+                twos = None
+            del double
+    finally:
+        for m in training:
+            m.training = True
+    if twos is not None and len(twos) != len(ones):
+        raise UnsupportedModel(
+            f"the model makes {len(ones)} activation calls for one sample and {len(twos)} for two: its calls "
+            "depend on the batch, which pathways cannot follow")
+    survey = []
+    for index, (lead1, overwritten, op) in enumerate(ones):
+        lead2 = 2 * lead1 if twos is None else twos[index]
+        if lead2 == 2 * lead1:
+            survey.append((PER_SAMPLE if lead1 == 1 else BATCH_FOLDED, lead1, overwritten))
+        elif lead2 == lead1:
+            survey.append((BATCH_SHARED, 1, overwritten))
+        else:
+            raise UnsupportedModel(
+                f"activation call {index} ({op}) has leading dimension {lead1} for one sample and {lead2} for "
+                "two: neither per sample, nor samples folded into the batch, nor shared by the batch")
+    per_model[key] = tuple(survey)
+    return per_model[key]
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +642,6 @@ def capture_module_output(model: nn.Module, name: str) -> Iterator[CapturedOutpu
 
 def trace_sites(model: nn.Module, x: torch.Tensor) -> SiteLayout:
     """The site layout of ``model`` on input ``x`` (one forward, no gradients)."""
-    with torch.no_grad(), instrument(model) as recorder:
+    with torch.no_grad(), instrument(model, inputs=x) as recorder:
         model(x)
     return recorder.layout

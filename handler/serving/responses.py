@@ -26,11 +26,12 @@ STATUS = {
     "unsupported_image_format": 415,
     "unsupported_media_type": 415,
     "internal_error": 500,
+    "unsupported_model": 501,
     "out_of_memory": 507,
 }
 PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 406: "Not Acceptable",
            413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Entity",
-           500: "Internal Server Error", 507: "Insufficient Storage"}
+           500: "Internal Server Error", 501: "Not Implemented", 507: "Insufficient Storage"}
 
 
 def http_status(error: ExplainError) -> int:

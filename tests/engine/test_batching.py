@@ -47,8 +47,9 @@ def test_an_out_of_memory_batch_is_split_and_gives_the_same_explanations():
     torch.testing.assert_close(maps(got), maps(expected), rtol=1e-5, atol=1e-6)
     assert [e.pathway["realised_sparsity"] for e in got] == [e.pathway["realised_sparsity"] for e in expected]
     assert [e.target for e in got] == [e.target for e in expected]
-    # the one-sample instrumentation check; the whole batch and its half fail; quarters fit (two passes each)
-    assert flaky.batches == [1, 1, 8, 4] + [2] * 8
+    # the one-sample instrumentation check (plain; the site survey at one and two samples; instrumented);
+    # the whole batch and its half fail; quarters fit (two passes each)
+    assert flaky.batches == [1, 1, 2, 1, 8, 4] + [2] * 8
     assert explainer.planner.ceiling(("pathway_gradient", "contribution", (3, 16, 16), torch.float32)) == 2
 
     flaky.batches.clear()  # the next call starts at the size that worked: no failure, no retry
@@ -73,10 +74,11 @@ def test_batch_size_follows_the_memory_budget():
     per_sample = DEFAULT_BYTES_PER_NEURON * NEURONS
     explainer = Explainer(recorder, memory_budget=int(3.5 * per_sample))
     explainer.explain(batch(), sparsity=0.7)
-    # the one-sample instrumentation check (plain and instrumented), then 3 + 3 + 2 samples, two passes each
-    assert recorder.batches == [1, 1, 3, 3, 3, 3, 2, 2]
+    # the one-sample instrumentation check (plain, the site survey at one and two samples, instrumented),
+    # then 3 + 3 + 2 samples, two passes each
+    assert recorder.batches == [1, 1, 2, 1, 3, 3, 3, 3, 2, 2]
 
-    recorder.batches.clear()
+    recorder.batches.clear()  # the survey is kept per model and input shape: a new explainer does not repeat it
     Explainer(recorder, max_batch_size=2).explain(batch(), method="gradient")
     assert recorder.batches == [1, 1, 2, 2, 2, 2]
 

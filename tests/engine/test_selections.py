@@ -9,6 +9,7 @@ from torch import nn
 
 from handler.engine import SELECTIONS, Explainer, instrument
 from handler.engine.selections import OVERLAP_TOP_CHANNELS
+from handler.engine.sites import survey_sites
 from handler.evaluation.pathway_overlap import alive_neurons
 from tiny_models import TwoReluCNN, kaiming_resnet18
 
@@ -261,7 +262,11 @@ def test_resampling_never_forwards_more_than_a_chunk(small_cnn, inputs):
             seen.append(x.shape[0])
             return self.inner(x)
 
-    SELECTIONS.get("resampling_precision")(Spy(small_cnn), inputs, torch.tensor([-1, -1, -1]), [0.5] * 3,
+    spy = Spy(small_cnn)
+    survey_sites(spy, inputs)  # once per model and input shape (one sample, then two), before any chunk
+    assert seen == [1, 2]
+    seen.clear()
+    SELECTIONS.get("resampling_precision")(spy, inputs, torch.tensor([-1, -1, -1]), [0.5] * 3,
                                            copies=5, chunk_size=4)
     assert max(seen) == 4 and sum(seen) == 15
 

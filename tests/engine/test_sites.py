@@ -114,7 +114,9 @@ def test_model_is_unchanged_after_a_failing_call():
         def forward(self, x):
             x = self.relu(self.conv(x))
             self.calls += 1
-            if self.calls == 3:  # check pass, scoring pass, then fail inside the pathway pass
+            # plain check pass, the site survey's two passes (one sample, two), instrumented check pass,
+            # scoring pass, then fail inside the pathway pass
+            if self.calls == 6:
                 raise RuntimeError("boom")
             return self.fc(x.mean(dim=(2, 3)))
 
@@ -188,3 +190,101 @@ def test_cuda_maps_match_cpu_maps(resnet18):
                                            torch.from_numpy(b.attribution).flatten()]))[0, 1]
         assert corr > 0.99
         assert abs(a.pathway["realised_sparsity"] - b.pathway["realised_sparsity"]) < 1e-3
+
+
+class FoldedAndShared(nn.Module):
+    """One call of each kind: per sample, patches folded into the batch (MobileViT), and a table of
+    parameters shared by the whole batch (Swin-V2's position-bias MLP)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Linear(6, 6)
+        self.coords = nn.Parameter(torch.randn(1, 5, 2))
+        self.table_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 6))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))  # [B, 6, 8, 8]: per sample
+        b, c = h.shape[:2]
+        patches = h.reshape(b, c, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, 16, c)  # [4B, 16, 6]
+        patches = torch.relu(self.mix(patches))  # batch-folded
+        bias = self.table_mlp(self.coords).mean(dim=1)  # [1, 6]: shared by the batch
+        pooled = patches.reshape(b, 4 * 16, c).mean(dim=1) + bias
+        return self.fc(pooled)
+
+
+def test_each_call_is_classified_per_sample_folded_or_shared_and_summarised_with_its_kind():
+    model = FoldedAndShared().eval()
+    layout = trace_sites(model, torch.randn(3, 3, 8, 8))
+    assert [(s.batch, s.shape) for s in layout.sites] == [
+        ("per_sample", (6, 8, 8)), ("batch_folded", (4, 16, 6)), ("batch_shared", (1, 5, 8))]
+    assert layout.total == 6 * 64 + 4 * 16 * 6  # the shared table holds no neuron of a pathway
+    assert len(layout) == 2 and len(layout.sites) == 3  # iterating a layout covers the selectable sites
+    [explanation] = Explainer(model).explain(torch.randn(1, 3, 8, 8), sparsity=0.5)
+    calls = [(s["call"], s["total"]) for s in explanation.pathway["sites"]]
+    assert calls == [("per_sample", 384), ("batch_folded", 384), ("batch_shared", 0)]
+    assert explanation.pathway["sites"][2]["selectable"] is False
+
+
+def test_a_batch_with_folded_and_shared_calls_gives_each_sample_its_maps_alone():
+    model = FoldedAndShared().eval()
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 8, 8)
+    targets = [0, 3, 1]
+    explainer = Explainer(model)
+    together = explainer.explain(x, targets, sparsity=0.6)
+    for b, t in enumerate(targets):
+        [alone] = explainer.explain(x[b:b + 1], [t], sparsity=0.6)
+        assert alone.pathway["kept_neurons"] == together[b].pathway["kept_neurons"]
+        assert [s["kept"] for s in alone.pathway["sites"]] == [s["kept"] for s in together[b].pathway["sites"]]
+        torch.testing.assert_close(torch.from_numpy(alone.attribution), torch.from_numpy(together[b].attribution),
+                                   rtol=1e-5, atol=1e-6)
+
+
+class InPlaceResidual(nn.Module):
+    """EfficientNetV2's FusedMBConv without expansion: ``result = silu(bn(conv(x))); result += x``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = nn.functional.silu(self.stem(x))
+        result = nn.functional.silu(self.conv(h))
+        result += h  # in place, on an activation's output, after it returned
+        return self.fc(result.mean(dim=(2, 3)))
+
+
+def test_in_place_add_on_an_activation_output_is_scored_with_the_activation_value_and_its_gradient():
+    from handler.engine.pathways import _abs_contribution, run_along, score_neurons, select_by_contribution
+
+    model = InPlaceResidual().eval().requires_grad_(False)
+    x = torch.randn(2, 3, 6, 6)
+    targets = torch.tensor([0, 2])
+    scores, layout, *_ = score_neurons(model, x, targets, _abs_contribution)
+    assert [s.overwritten for s in layout] == [False, True]  # only the overwritten output gets a copy
+    # independently: the activations as returned, and the target's gradient with respect to each
+    h = nn.functional.silu(model.stem(x)).requires_grad_(True)
+    a = nn.functional.silu(model.conv(h))
+    a_value = a.detach().clone()
+    a.retain_grad()
+    out = a + h
+    logits = model.fc(out.mean(dim=(2, 3)))
+    logits.gather(1, targets[:, None]).sum().backward()
+    expected = torch.cat([(h.detach() * h.grad).abs().flatten(1), (a_value * a.grad).abs().flatten(1)], dim=1)
+    torch.testing.assert_close(scores, expected)
+    # the pathway pass: the masked activation, then the model's in-place add, then the gradient to the input
+    pathway = select_by_contribution(model, x, targets, [0.5, 0.5])
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(run_along(model, xg, pathway).gather(1, targets[:, None]).sum(), xg)
+    m1, m2 = (site.view(pathway.keep).float() for site in pathway.layout)
+    xr = x.clone().requires_grad_(True)
+    h = nn.functional.silu(model.stem(xr)) * m1
+    ref = model.fc((nn.functional.silu(model.conv(h)) * m2 + h).mean(dim=(2, 3)))
+    (expected_grad,) = torch.autograd.grad(ref.gather(1, targets[:, None]).sum(), xr)
+    torch.testing.assert_close(grad, expected_grad)

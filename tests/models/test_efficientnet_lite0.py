@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from handler import parse_options
 from handler.models import get_spec, load_model
+from reference_pathway import reference_pathway_gradient
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -48,37 +47,6 @@ def test_chelsea_is_a_cat(lite0_service, photos):
     image = lite0_service.decode(photos["chelsea"].read_bytes())
     [result] = lite0_service.explain([image], [parse_options({})])
     assert result.document["explanation"]["target"]["index"] in CAT_CLASSES
-
-
-def reference_pathway_gradient(model: nn.Module, x: torch.Tensor, target: int, sparsity: float):
-    """The method of docs/methods.md written independently: module forward hooks, sort-based quantile, max-|·| reduction."""
-    acts = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: acts.append(out)) for m in model.modules()
-             if isinstance(m, nn.ReLU6)]
-    try:
-        with torch.enable_grad():
-            logits = model(x.clone().requires_grad_(True))
-            grads = torch.autograd.grad(logits[0, target], acts)
-        contrib = torch.cat([(a * g).abs().flatten() for a, g in zip(acts, grads)])
-        ordered = contrib.sort().values
-        tau = ordered[int(np.ceil(sparsity * ordered.numel())) - 1]
-        masks = [((a * g).abs() > tau).to(a.dtype) for a, g in zip(acts, grads)]
-    finally:
-        for h in hooks:
-            h.remove()
-    it = iter(masks)
-    hooks = [m.register_forward_hook(lambda _m, _i, out: out * next(it)) for m in model.modules()
-             if isinstance(m, nn.ReLU6)]
-    try:
-        xg = x.clone().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(model(xg)[0, target], xg)
-    finally:
-        for h in hooks:
-            h.remove()
-    idx = grad.abs().argmax(dim=1, keepdim=True)
-    realised = 1 - torch.cat([m.flatten() for m in masks]).mean().item()
-    return grad.gather(1, idx)[0, 0].numpy(), realised
 
 
 @pytest.mark.parametrize("photo, target", [("chelsea", 285), ("rocket", None)])
