@@ -261,7 +261,8 @@ class InPlaceResidual(nn.Module):
 
 
 def test_in_place_add_on_an_activation_output_is_scored_with_the_activation_value_and_its_gradient():
-    from handler.engine.pathways import _abs_contribution, run_along, score_neurons, select_by_contribution
+    from handler.engine.contribution import _abs_contribution, score_neurons, select_by_contribution
+    from handler.engine.pathways import run_along
 
     model = InPlaceResidual().eval().requires_grad_(False)
     x = torch.randn(2, 3, 6, 6)
