@@ -129,7 +129,7 @@ def test_cli_verify_refuses_tampered_weights(lite0_service, coffee, photos, tmp_
     spec = get_spec("efficientnet_lite0")
     state = torch.load(weights_path(spec), map_location="cpu", weights_only=True)
     first = next(iter(state))
-    state[first] = state[first].clone()
+    state[first] = state[first].clone(memory_format=torch.contiguous_format)
     state[first].view(-1)[0] += 1e-3
     torch.save(state, tmp_path / "tampered.pth")
     data = spec.to_dict()
