@@ -116,7 +116,8 @@ class ExplanationService:
         self.limits = limits
         self.preprocessor = Preprocessor(loaded.spec.preprocessing)
         self.explainer = explainer_for(loaded, device=device, memory_budget=memory_budget,
-                                       max_batch_size=max_batch_size, pass_batch=pass_batch)
+                                       max_batch_size=max_batch_size,
+                                       pass_batch=loaded.spec.pass_batch if pass_batch == "default" else pass_batch)
         self.observer = observer or ServiceObserver()
         self.explainer.on_batch_split = self.observer.batch_split
 

@@ -381,15 +381,12 @@ def file_sha256(path: Path) -> str:
 
 
 def explainer_for(loaded: LoadedModel, module: Optional[nn.Module] = None, *, device=None, memory_budget=None,
-                  max_batch_size: Optional[int] = None, pass_batch: Union[int, None, str] = "default"
-                  ) -> Explainer:
+                  max_batch_size: Optional[int] = None, pass_batch: Optional[int] = None) -> Explainer:
     """The explainer a model spec describes (its defaults, class names and input normalisation); the server,
     the CLI and the evaluation suite all build theirs here. ``module``: another network of the same spec
     (the evaluation's randomised copies); default, the loaded one. ``pass_batch``: the fixed pass shape
-    (see :class:`~handler.engine.Explainer`); by default the spec's ``pass_batch`` field, else
-    :data:`~handler.engine.DEFAULT_PASS_BATCH`."""
-    if pass_batch == "default":
-        pass_batch = loaded.spec.pass_batch
+    (see :class:`~handler.engine.Explainer`); the service passes the spec's ``pass_batch``, the evaluation
+    none (its batches are its own)."""
     defaults, prep = loaded.spec.defaults, loaded.spec.preprocessing
     return Explainer(
         loaded.module if module is None else module,
