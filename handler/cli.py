@@ -7,7 +7,10 @@ before any work, 3 for an unexpected internal error. Every failure is one line
 on stderr (``PATHWAY_DEBUG=1`` adds the traceback of an internal error).
 
 Each image's outputs are ``STEM.json``, ``STEM.heatmap.png``, ``STEM.overlay.png``
-and, with ``--save-attribution``, ``STEM.attribution.npy``. A run first removes
+and, with ``--save-attribution``, ``STEM.attribution.npy``. Each document carries a
+``provenance`` record; ``--verify DOC.json IMAGE`` recomputes the explanation it
+describes and exits 0 with one line when it matches, 1 with one line saying
+what differs when it does not (2: the document cannot be read). A run first removes
 these files of every stem it is given, so ``--out`` never holds a file from an
 earlier run beside the new ones (an image that fails leaves none).
 """
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                     help="a method or selection option, e.g. --option signed=true (repeatable; see --list)")
     ex.add_argument("--batch-size", type=int, default=8, help="images explained together (default 8)")
+    p.add_argument("--verify", type=Path, metavar="DOC.json",
+                   help="recompute the explanation a document (the server's or this tool's) describes from IMAGE "
+                        "and compare: exit 0 when the weights, version, options, image and attribution all match, "
+                        "1 with what differs")
     p.add_argument("--list", action="store_true", help="list models, methods, selections and reductions, and exit")
     p.add_argument("--list-labels", nargs="?", const="", default=None, metavar="MODEL",
                    help="print the class index and name of every class of MODEL (default: the --model or "
@@ -172,6 +179,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         except (ExplainError, ModelLoadError, UsageError) as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return 2
+    if args.verify is not None:
+        if len(args.images) != 1:
+            parser.error("--verify DOC.json takes exactly one IMAGE: the one the document was made from")
+        return verify(args)
     if not args.images:
         parser.error("no images given")
     if args.out is None:
@@ -267,6 +278,40 @@ def _one_line(err: BaseException) -> str:
     """An error as one line: its message, prefixed with its type where that is not one of ours."""
     text = " ".join(str(err).split()) or "no details"
     return text if isinstance(err, ExplainError) else f"{type(err).__name__}: {text}"
+
+
+def verify(args) -> int:
+    """``--verify DOC.json IMAGE``: one line on stdout (exit 0) or stderr (exit 1); 2 when nothing can be checked."""
+    image = Path(args.images[0])
+    try:
+        document = json.loads(args.verify.read_text())
+        data = image.read_bytes()
+    except FileNotFoundError as err:
+        print(f"{PROG}: error: {err.filename}: no such file", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"{PROG}: error: cannot read {args.verify} or {image}: {err}", file=sys.stderr)
+        return 2
+    except json.JSONDecodeError as err:
+        print(f"{PROG}: error: {args.verify} is not JSON: {err}", file=sys.stderr)
+        return 2
+    record = document.get("provenance") if isinstance(document, dict) else None
+    if not isinstance(record, dict):
+        print(f"{PROG}: error: {args.verify} has no provenance record to verify", file=sys.stderr)
+        return 2
+    try:
+        if not (args.model or args.arch):  # the document's model, unless told otherwise
+            args.model = record.get("model") or None
+        service = ExplanationService.from_spec(_spec(args), device=parse_device(args.device))
+    except (ExplainError, ModelLoadError, UsageError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    result = service.verify(document, data)
+    if result.ok:
+        print(f"{args.verify}: {result.message}")
+        return 0
+    print(f"{PROG}: {args.verify} does not match {image}: {result.message}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -8,6 +8,7 @@ normalises what can (EXIF orientation, palette, grayscale, 16-bit, CMYK, alpha).
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 import warnings
@@ -36,8 +37,14 @@ class ImageLimits:
     formats: Sequence[str] = DEFAULT_FORMATS
 
 
+#: Key of ``Image.info`` where :func:`decode_image` keeps the SHA-256 of the bytes it decoded (an explanation's
+#: provenance records it).
+IMAGE_SHA256 = "pathway_sha256"
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """Bytes to an upright RGB image, or a specific error saying why not."""
+    """Bytes to an upright RGB image, or a specific error saying why not; ``info[IMAGE_SHA256]`` is the
+    SHA-256 of ``data``."""
     if not data:
         raise InvalidImage("the request has no image: the body (or image field) is empty", code="empty_image")
     try:
@@ -64,8 +71,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     try:
         image.seek(0)  # animated images: the first frame
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        image = to_rgb(ImageOps.exif_transpose(image))
+        image.info[IMAGE_SHA256] = hashlib.sha256(bytes(data)).hexdigest()
+        return image
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, struct.error, ...

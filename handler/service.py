@@ -29,9 +29,11 @@ from PIL import Image
 
 from .engine import BatchSplit, ExplainRequest, ValidRequest, is_out_of_memory, release_cached_memory
 from .errors import ExplainError, InternalError, InvalidOption, OutOfMemory
-from .imaging import (Preprocessor, VisualizationSettings, decode_image, npy_bytes, open_image, png_bytes,
-                      render_heatmap, render_overlay)
+from .imaging import (IMAGE_SHA256, Preprocessor, VisualizationSettings, decode_image, npy_bytes, open_image,
+                      png_bytes, render_heatmap, render_overlay)
 from .models import LoadedModel, ModelSpec, explainer_for, load_model
+from .provenance import (Verification, attribution_sha256, device_kind, package_version, raw_options,
+                         resolved_options, sha256_hex, source_revision)
 from .schema import Limits, RequestOptions, attach_inline, explanation_document, parse_options, prediction_document
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ def request_of(options: RequestOptions) -> ExplainRequest:
     """The engine's request for one set of parsed options."""
     return ExplainRequest(target=options.target, method=options.method, sparsity=options.sparsity,
                           reduce=options.reduce, selection=options.selection, options=options.method_options)
+
+
+def _short(digest) -> str:
+    return f"{digest[:12]}…" if isinstance(digest, str) else repr(digest)
 
 
 class ServiceObserver:
@@ -98,24 +104,29 @@ class ExplainResult:
 class ExplanationService:
     def __init__(self, loaded: LoadedModel, device: Union[str, torch.device] = "cpu", limits: Limits = Limits(),
                  observer: Optional[ServiceObserver] = None, *, memory_budget=None,
-                 max_batch_size: Optional[int] = None):
+                 max_batch_size: Optional[int] = None, pass_batch: Union[int, None, str] = "default"):
         """``memory_budget`` (bytes, ``"4GiB"``, ``"60%"``; default: from the device's free memory) and
-        ``max_batch_size`` bound one engine pass; larger batches are split (see :class:`~handler.engine.Explainer`)."""
+        ``max_batch_size`` bound one engine pass; larger batches are split (see :class:`~handler.engine.Explainer`).
+        ``pass_batch``: samples per pass, padded, so an explanation is the same bits however it was batched
+        (``None``: the batch's own size; default: the model spec's)."""
         self.spec: ModelSpec = loaded.spec
+        self.weights_sha256 = loaded.weights_sha256
         self.name = loaded.spec.name
         self.labels = loaded.labels
         self.limits = limits
         self.preprocessor = Preprocessor(loaded.spec.preprocessing)
         self.explainer = explainer_for(loaded, device=device, memory_budget=memory_budget,
-                                       max_batch_size=max_batch_size)
+                                       max_batch_size=max_batch_size,
+                                       pass_batch=loaded.spec.pass_batch if pass_batch == "default" else pass_batch)
         self.observer = observer or ServiceObserver()
         self.explainer.on_batch_split = self.observer.batch_split
 
     @classmethod
     def from_spec(cls, spec, device="cpu", limits: Limits = Limits(), *, memory_budget=None,
-                  max_batch_size: Optional[int] = None) -> "ExplanationService":
+                  max_batch_size: Optional[int] = None, pass_batch: Union[int, None, str] = "default"
+                  ) -> "ExplanationService":
         return cls(load_model(spec, device=device), device=device, limits=limits, memory_budget=memory_budget,
-                   max_batch_size=max_batch_size)
+                   max_batch_size=max_batch_size, pass_batch=pass_batch)
 
     @property
     def device(self) -> torch.device:
@@ -271,7 +282,7 @@ class ExplanationService:
         explanations = self.explainer.explain_requests(self.preprocessor.batch(images), [o.request for o in options])
         rendering = time.perf_counter()
         self.observer.stage("engine", "explain", rendering - started, len(images))
-        results = [self._render(image, o.options, explanation, attribution_dtype, visualization)
+        results = [self._render(image, o, explanation, attribution_dtype, visualization)
                    for image, o, explanation in zip(images, options, explanations)]
         self.observer.stage("render", "explain", time.perf_counter() - rendering, len(images))
         return results
@@ -317,8 +328,9 @@ class ExplanationService:
                 raise result
         return results
 
-    def _render(self, image: Image.Image, options: RequestOptions, explanation, attribution_dtype,
+    def _render(self, image: Image.Image, validated: Validated, explanation, attribution_dtype,
                 visualization: Optional[VisualizationSettings] = None) -> ExplainResult:
+        options = validated.options
         settings = visualization or VisualizationSettings(colormap=options.colormap, polarity=options.polarity)
         document = explanation_document(
             self.name, explanation, self.labels, options, self.preprocessor.describe(image.size))
@@ -336,6 +348,99 @@ class ExplanationService:
             artifacts["overlay"] = png_bytes(render_overlay(photo, explanation.attribution, box, settings))
         if "attribution" in options.outputs:
             artifacts["attribution"] = npy_bytes(explanation.attribution.astype(attribution_dtype))
+        document["provenance"] = self.provenance(image, validated, explanation)
         realised = explanation.pathway.get("realised_sparsity") if explanation.pathway else None
         return ExplainResult(document, artifacts, explanation.attribution, realised)
+
+    # -- provenance and verification ---------------------------------------------
+
+    def provenance(self, image: Image.Image, validated: Validated, explanation) -> dict:
+        """What produced ``explanation`` (see :mod:`handler.provenance`): enough to recompute and compare it."""
+        request = validated.request
+        return {
+            "model": self.name,
+            "weights_sha256": self.weights_sha256,
+            "package": package_version(),
+            "revision": source_revision(),
+            "options": resolved_options(validated.options, request,
+                                        self.explainer.option_specs(request.method, request.selection)),
+            "preprocessing": self.spec.preprocessing.to_dict(),
+            "image_sha256": image.info.get(IMAGE_SHA256),
+            "device": device_kind(self.device),
+            "torch": torch.__version__,
+            "pass_batch": explanation.pass_batch,
+            "attribution_sha256": attribution_sha256(explanation.attribution),
+        }
+
+    def verify(self, document: Mapping, image: bytes) -> Verification:
+        """Recompute the explanation ``document`` describes from ``image`` (the bytes it was made from) and
+        compare: the model, its weights, the code's version, the image, the options, and the attribution's
+        digest (recomputed at the recorded pass shape). Never raises for a bad document or image: the
+        :class:`~handler.provenance.Verification` says what differs."""
+        record = document.get("provenance") if isinstance(document, Mapping) else None
+        if not isinstance(record, Mapping) or not isinstance(record.get("options"), Mapping):
+            return Verification(False, "the document has no provenance record (made by an older version?)",
+                                ("document",))
+        found: list = []  # (what, detail)
+        if record.get("model") != self.name:
+            found.append(("model", f"model: the document's is {record.get('model')!r}, this check uses {self.name!r}"))
+        if record.get("weights_sha256") != self.weights_sha256:
+            found.append(("weights", f"weights: the document's have sha256 {_short(record.get('weights_sha256'))}, "
+                                     f"these {_short(self.weights_sha256)}"))
+        version = (package_version(), source_revision())
+        if (record.get("package"), record.get("revision")) != version:
+            found.append(("version", f"version: the document was made by {record.get('package')} at revision "
+                                     f"{record.get('revision')}, this is {version[0]} at revision {version[1]}"))
+        image_sha256 = sha256_hex(bytes(image))
+        if record.get("image_sha256") != image_sha256:
+            found.append(("image", f"image: the document was made from sha256 {_short(record.get('image_sha256'))}, "
+                                   f"this image is {_short(image_sha256)}"))
+        if record.get("preprocessing") != self.spec.preprocessing.to_dict():
+            found.append(("preprocessing", "preprocessing: the document's differs from this model's"))
+        options = record["options"]
+        shown = document.get("explanation") if isinstance(document.get("explanation"), Mapping) else {}
+        pathway = shown.get("pathway") if isinstance(shown.get("pathway"), Mapping) else {}
+        for name, value in (("method", shown.get("method")), ("reduce", shown.get("reduce")),
+                            ("sparsity", pathway.get("requested_sparsity")), ("selection", pathway.get("selection"))):
+            if value is not None and value != options.get(name):
+                found.append(("options", f"options: the explanation shows {name} {value!r}, its provenance "
+                                         f"records {options.get(name)!r}"))
+        recomputed = None
+        pass_batch = record.get("pass_batch")
+        try:
+            if pass_batch is not None and (isinstance(pass_batch, bool) or not isinstance(pass_batch, int)
+                                           or pass_batch < 1):
+                raise InvalidOption(f"the recorded pass_batch {pass_batch!r} is not a positive integer")
+            [validated] = self.validate([raw_options(options)], explain=True)
+            decoded = self.decode(image)
+        except ExplainError as err:
+            found.append(("options" if isinstance(err, InvalidOption) else "image", f"cannot recompute: {err}"))
+        else:
+            [explanation] = self.explainer.explain_requests(self.preprocessor.batch([decoded]), [validated.request],
+                                                            pass_batch=pass_batch)
+            request = validated.request
+            resolved = resolved_options(validated.options, request,
+                                        self.explainer.option_specs(request.method, request.selection))
+            if resolved != dict(options):
+                changed = sorted(k for k in set(resolved) | set(options) if resolved.get(k) != options.get(k))
+                found.append(("options", f"options: {', '.join(changed)} resolve differently here"))
+            recomputed = attribution_sha256(explanation.attribution)
+            target = shown.get("target") if isinstance(shown.get("target"), Mapping) else {}
+            if target.get("index") is not None and target.get("index") != explanation.target:
+                found.append(("target", f"target: the document explains class {target.get('index')}, the "
+                                        f"recomputation class {explanation.target}"))
+            if recomputed != record.get("attribution_sha256"):
+                device = device_kind(self.device)
+                where = "" if record.get("device") == device else \
+                    f" (made on {record.get('device')}, recomputed on {device})"
+                found.append(("attribution", f"attribution: the document's has sha256 "
+                                             f"{_short(record.get('attribution_sha256'))}, the recomputed one "
+                                             f"{_short(recomputed)}{where}"))
+        if not found:
+            return Verification(True, f"verified: attribution sha256 {_short(recomputed)} recomputed from this image "
+                                      f"with the recorded weights, version, options and pass shape "
+                                      f"{pass_batch}", (), recomputed)
+        whats = tuple(dict.fromkeys(what for what, _ in found))
+        return Verification(False, f"differs ({', '.join(whats)}): " + "; ".join(detail for _, detail in found),
+                            whats, recomputed)
 

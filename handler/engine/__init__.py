@@ -6,7 +6,8 @@ Explaining (the front door, :mod:`.explainer`):
     :class:`Explainer` (``validate`` a request once, ``explain_requests`` / ``explain`` / ``predict``),
     :class:`ExplainRequest` (what one sample asks for), :class:`ValidRequest` (a request ``validate``
     accepted, run without another check), :class:`Explanation` (one sample's result), :data:`DEFAULTS`
-    (method, sparsity, reduction and selection a request gets when it names none), :func:`explaining`
+    (method, sparsity, reduction and selection a request gets when it names none), :data:`DEFAULT_PASS_BATCH`
+    (a model spec's fixed pass shape), :func:`explaining`
     (the model state an explanation needs, restored after), :class:`InputNormalisation`.
 
 Extending (registries: new strategies are registered, not special-cased):
@@ -27,7 +28,7 @@ Memory (:mod:`.batching`, :mod:`.events`):
 from . import baselines, contribution, selections  # noqa: F401  (registers methods and selection strategies)
 from .batching import MemoryBudget, is_out_of_memory, release_cached_memory
 from .events import BatchSplit
-from .explainer import DEFAULTS, Explainer, ExplainRequest, Explanation, ValidRequest, explaining
+from .explainer import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, ExplainRequest, Explanation, ValidRequest, explaining
 from .methods import METHODS, Attribution, register_method
 from .normalisation import InputNormalisation
 from .options import OptionSpec, check_sparsity
@@ -38,7 +39,7 @@ from .selections import observe_network
 from .sites import Site, SiteCall, SiteLayout, SiteMismatchError, instrument
 
 __all__ = [
-    "Attribution", "BatchSplit", "DEFAULTS", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
+    "Attribution", "BatchSplit", "DEFAULT_PASS_BATCH", "DEFAULTS", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
     "METHODS", "MemoryBudget", "OptionSpec", "Pathway", "REDUCTIONS", "Registry", "SELECTIONS", "Site", "SiteCall",
     "SiteLayout", "SiteMismatchError", "ValidRequest", "check_sparsity", "explaining", "instrument", "is_out_of_memory",
     "observe_network", "register_method", "register_selection", "release_cached_memory", "run_along",

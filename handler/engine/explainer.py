@@ -45,6 +45,10 @@ class InPlaceSideEffect(UnsupportedModel, RuntimeError):
     """The model uses an in-place activation's side effect and ignores its return value."""
 
 
+#: ``explain_requests(pass_batch=CONFIGURED)``: the explainer's own pass shape.
+CONFIGURED = object()
+
+
 @dataclass(frozen=True)
 class ExplainRequest:
     """What one sample asks for; ``None`` fields fall back to the explainer's defaults."""
@@ -66,6 +70,11 @@ class ValidRequest(ExplainRequest):
     class_index: int = -1
 
 
+#: Samples per pass for a model spec that names no ``pass_batch``: every pass padded to this shape, so an
+#: explanation is the same bits however it was batched (benchmarks/speed/results/reproducibility-cpu.md
+#: has the cost that chose it). ``Explainer`` itself defaults to no fixed shape.
+DEFAULT_PASS_BATCH = 4
+
 #: What a request that names no method, sparsity, reduction or selection gets; a model spec may set its own.
 DEFAULTS = ExplainRequest(method="pathway_gradient", sparsity=0.7, reduce="max_abs", selection="contribution")
 
@@ -84,6 +93,7 @@ class Explanation:
     pathway_probability: Optional[float] = None  # target's softmax probability along the pathway
     pathway: Optional[dict] = None
     notes: list = field(default_factory=list)
+    pass_batch: Optional[int] = None  # samples in the pass that computed it, padding included (see Explainer)
 
     @property
     def target_probability(self) -> float:
@@ -119,6 +129,17 @@ class Explainer:
     the available RAM on the CPU) and ``max_batch_size`` caps the samples per
     pass; larger batches are split, and a pass that runs out of memory is retried
     in halves (down to one sample) instead of failing its requests.
+
+    ``pass_batch`` fixes the shape of every pass: batches are cut into passes of
+    that many samples and the last one is padded with zero images (target 0),
+    because a sample's attribution is bit-identical whatever its neighbours in a
+    pass of the same shape, but not across batch sizes (float reductions are
+    blocked by the batch size). With it, an image's explanation does not depend
+    on what it was batched with; ``None`` runs passes at whatever size the batch
+    and the memory budget give (no padding). A pass of the fixed shape that runs
+    out of memory is retried at half the shape, and every later pass keeps the
+    smaller shape: each :class:`Explanation` records its ``pass_batch``, so a
+    verification reruns it at the same shape.
     """
 
     #: Called with a :class:`~handler.engine.events.BatchSplit` whenever a batch is retried in parts
@@ -139,12 +160,16 @@ class Explainer:
         normalisation: Optional[InputNormalisation] = None,
         memory_budget: Union[MemoryBudget, int, str, None] = None,
         max_batch_size: Optional[int] = None,
+        pass_batch: Optional[int] = None,
     ):
         """``normalisation``: how the model's inputs were made from pixels (default: ImageNet statistics);
         methods that need pixel-space meaning (integrated gradients' black baseline) get it."""
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model = model.to(self.device)
         self.planner = BatchPlanner(MemoryBudget.parse(memory_budget, max_batch_size), self.device)
+        if pass_batch is not None and (isinstance(pass_batch, bool) or int(pass_batch) != pass_batch or pass_batch < 1):
+            raise ValueError(f"pass_batch must be a positive integer or None, not {pass_batch!r}")
+        self.pass_batch = None if pass_batch is None else int(pass_batch)
         self._neurons: dict = {}  # input shape (no batch) -> neurons per sample
         self.classes = ClassNames(labels, label_aliases)
         self.normalisation = normalisation if normalisation is not None else InputNormalisation()
@@ -242,11 +267,15 @@ class Explainer:
             ExplainRequest(t, method, s, reduce, selection, opts) for t, s in zip(targets, sparsities)]
         return self.explain_requests(x, requests)
 
-    def explain_requests(self, x: torch.Tensor, requests: Sequence[ExplainRequest]) -> list:
+    def explain_requests(self, x: torch.Tensor, requests: Sequence[ExplainRequest], *,
+                         pass_batch: Union[int, None, object] = CONFIGURED) -> list:
         """One explanation per request; requests that share a method and options run as one batch.
 
         A :class:`ValidRequest` (from :meth:`validate`) is trusted as it is; any other request is validated
-        first."""
+        first. ``pass_batch``: the pass shape for this call (a verification reruns an explanation at the
+        shape it recorded); by default the explainer's own."""
+        if pass_batch is CONFIGURED:
+            pass_batch = self.pass_batch
         if x.dim() != 4 or x.shape[0] != len(requests):
             raise ValueError(f"expected a [B, C, H, W] batch with one request per sample, got {tuple(x.shape)} "
                              f"and {len(requests)} requests")
@@ -261,13 +290,16 @@ class Explainer:
             sub = [requests[i] for i in index]
             explanations = self._run_in_batches(
                 x[index], torch.tensor([resolved[i] for i in index], device=self.device),
-                method, selection, dict(options), sub)
+                method, selection, dict(options), sub, pass_batch)
             for i, e in zip(index, explanations):
                 results[i] = e
         return results
 
-    def _run_in_batches(self, x, targets, method_name, selection, options, requests) -> list:
-        """Run in batches that fit the memory budget; a batch that runs out of memory is retried in halves."""
+    def _run_in_batches(self, x, targets, method_name, selection, options, requests, pass_batch=None) -> list:
+        """Run in batches that fit the memory budget; a batch that runs out of memory is retried in halves.
+
+        With ``pass_batch``, every pass has that shape (padded with zero images), smaller only after a pass
+        of it ran out of memory (the planner's ceiling)."""
         if not self._checked:
             with explaining(self.model):
                 self._check_instrumentation(x[:1])
@@ -276,13 +308,18 @@ class Explainer:
         out: list = []
         start, total = 0, len(requests)
         while start < total:
-            size = self.planner.batch_size(key, neurons, total - start)
-            stop = start + size
+            if pass_batch is None:
+                size = self.planner.batch_size(key, neurons, total - start)
+                shape = size
+            else:
+                ceiling = self.planner.ceiling(key)
+                size = shape = pass_batch if ceiling is None else min(pass_batch, ceiling)
+            stop = min(start + size, total)
             failed = False
             try:
                 with PeakMemory(self.device) as peak:
-                    part = self._run(x[start:stop], targets[start:stop], method_name, selection, options,
-                                     requests[start:stop])
+                    part = self._run(*_padded(x[start:stop], targets[start:stop], requests[start:stop], shape),
+                                     method_name, selection, options)[:stop - start]
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -305,7 +342,7 @@ class Explainer:
             self._neurons[shape] = _neurons_in(recorder)
         return self._neurons[shape]
 
-    def _run(self, x, targets, method_name, selection, options, requests) -> list:
+    def _run(self, x, targets, requests, method_name, selection, options) -> list:
         method = METHODS.get(method_name)
         kwargs = {k: v for k, v in options.items() if k in method.options}
         if method.uses_normalisation:
@@ -338,6 +375,7 @@ class Explainer:
         targets = attribution.targets.cpu().tolist()
         zero_note = METHODS.get(method).zero_note
         out = []
+        shape = len(requests)
         for b, request in enumerate(requests):
             notes = [] if summaries is None else pathway_notes(summaries[b])
             if scales[request.reduce][b] <= ZERO_MAP_EPS:
@@ -353,6 +391,7 @@ class Explainer:
                 pathway_probability=None if pathway_probs is None else float(pathway_probs[b]),
                 pathway=None if summaries is None else summaries[b],
                 notes=notes,
+                pass_batch=shape,
             ))
         return out
 
@@ -380,6 +419,16 @@ def _neurons_in(recorder) -> int:
         return recorder.layout.total
     except NoActivationSitesError:
         return 0
+
+
+def _padded(x: torch.Tensor, targets: torch.Tensor, requests: list, shape: int) -> tuple:
+    """The pass's inputs with zero images (target 0, the first request's options) appended up to ``shape``."""
+    missing = shape - x.shape[0]
+    if missing <= 0:
+        return x, targets, requests
+    return (torch.cat([x, x.new_zeros((missing, *x.shape[1:]))]),
+            torch.cat([targets, targets.new_zeros(missing)]),
+            list(requests) + [requests[0]] * missing)
 
 
 def _per_sample(value, batch: int, what: str) -> list:

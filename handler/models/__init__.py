@@ -14,6 +14,7 @@ Python package, or nowhere (random initialisation, for speed benchmarks).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..engine import DEFAULTS, Explainer, InputNormalisation
+from ..engine import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, InputNormalisation
 from ..errors import UnknownModel
+from ..provenance import state_dict_sha256
 
 SPEC_DIR = Path(__file__).parent
 
@@ -77,6 +79,8 @@ class ModelSpec:
     num_classes: Optional[int] = None
     defaults: dict = field(default_factory=lambda: default_settings())
     description: str = ""
+    #: Samples per engine pass, padded (reproducible explanations); None: the batch's own size.
+    pass_batch: Optional[int] = DEFAULT_PASS_BATCH
     base_dir: Optional[str] = None  # where relative paths resolve; not serialised
 
     @classmethod
@@ -127,6 +131,8 @@ class ModelSpec:
             out["num_classes"] = self.num_classes
         if self.description:
             out["description"] = self.description
+        if self.pass_batch != DEFAULT_PASS_BATCH:
+            out["pass_batch"] = self.pass_batch
         return out
 
     def replace(self, **changes) -> "ModelSpec":
@@ -336,6 +342,10 @@ class LoadedModel:
     module: nn.Module
     labels: Optional[list]
     label_aliases: dict = field(default_factory=dict)  # see label_aliases()
+    #: SHA-256 of the weights as loaded: of the weights file's bytes, or (no file: a seeded random
+    #: initialisation) of the state dict (:func:`~handler.provenance.state_dict_sha256`). Taken at load,
+    #: before any preparation of the model for speed, so it names the weights, not a derived network.
+    weights_sha256: Optional[str] = None
 
 
 def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu") -> LoadedModel:
@@ -355,15 +365,28 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
     if path is not None:
         apply_state_dict(model, read_state_dict(path), spec.weights.match,
                          labels if spec.num_classes is None else None)
+        weights_sha256 = file_sha256(path)
+    else:
+        weights_sha256 = state_dict_sha256(model)
     model.eval().requires_grad_(False).to(device)
-    return LoadedModel(spec, model, labels, label_aliases(spec))
+    return LoadedModel(spec, model, labels, label_aliases(spec), weights_sha256)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def explainer_for(loaded: LoadedModel, module: Optional[nn.Module] = None, *, device=None, memory_budget=None,
-                  max_batch_size: Optional[int] = None) -> Explainer:
+                  max_batch_size: Optional[int] = None, pass_batch: Optional[int] = None) -> Explainer:
     """The explainer a model spec describes (its defaults, class names and input normalisation); the server,
     the CLI and the evaluation suite all build theirs here. ``module``: another network of the same spec
-    (the evaluation's randomised copies); default, the loaded one."""
+    (the evaluation's randomised copies); default, the loaded one. ``pass_batch``: the fixed pass shape
+    (see :class:`~handler.engine.Explainer`); the service passes the spec's ``pass_batch``, the evaluation
+    none (its batches are its own)."""
     defaults, prep = loaded.spec.defaults, loaded.spec.preprocessing
     return Explainer(
         loaded.module if module is None else module,
@@ -376,4 +399,5 @@ def explainer_for(loaded: LoadedModel, module: Optional[nn.Module] = None, *, de
         normalisation=InputNormalisation(prep.mean, prep.std),
         memory_budget=memory_budget,
         max_batch_size=max_batch_size,
+        pass_batch=pass_batch,
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..models import ModelLoadError, ModelSpec, Weights, get_spec, load_labels, spec_for_architecture, weights_path
+from ..provenance import REVISION_FILE, source_revision
 from .handler import SPEC_FILE
 from .metrics import ARCHIVE_NAME as METRICS_FILE
 from .metrics import SPEC_FILE as METRICS_SPEC
@@ -77,6 +78,8 @@ def stage_archive(spec: ModelSpec, stage: Path, worker_config: dict, pathway_con
     (stage / "extra").mkdir(parents=True)
     shutil.copytree(PACKAGE_DIR, stage / "extra" / "handler",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # The archive has no .git: its explanations' provenance reads the revision it was built from here.
+    (stage / "extra" / "handler" / REVISION_FILE).write_text(source_revision() + "\n")
     labels = load_labels(spec)
     files = []
     if labels is not None:

@@ -82,8 +82,10 @@ class PathwayHandler:
         spec = ModelSpec.from_file(model_dir / SPEC_FILE)
         self.model_name = context.model_name
         self.metrics = HandlerMetrics(getattr(context, "metrics", None), self.model_name)
+        # pass_batch: samples per engine pass, padded, so an explanation does not depend on what TorchServe
+        # batched it with; null: the batch's own size. Absent: the model spec's (see README "Reproducible").
         self.service = ExplanationService(load_model(spec, device=device), device=device, limits=limits,
-                                          observer=self.metrics)
+                                          observer=self.metrics, pass_batch=section.get("pass_batch", "default"))
         self.initialized = True
         logger.info("pathway handler ready: model %s on %s (engine from %s)", spec.name, device,
                     Path(__file__).resolve().parents[1])

@@ -1,0 +1,119 @@
+"""What produced an explanation, recorded in its document so it can be checked later (``--verify``).
+
+Every explanation document carries a ``provenance`` object::
+
+    "provenance": {
+      "model": "efficientnet_lite0",
+      "weights_sha256": "...",        # of the weights file as read (see LoadedModel.weights_sha256)
+      "package": "pathway-explainer 0.1.0", "revision": "1a2b3c4d5e6f",   # git describe, or "unknown"
+      "options": {...},               # the validated request: every default filled in
+      "preprocessing": {...},         # resize, crop, interpolation, mean, std
+      "image_sha256": "...",          # of the image bytes received (before decoding)
+      "device": "cpu", "torch": "2.14.1+cu130", "pass_batch": 4,
+      "attribution_sha256": "..."     # see attribution_sha256()
+    }
+
+:meth:`ExplanationService.verify <handler.service.ExplanationService.verify>` recomputes the
+explanation a document describes and compares these fields.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import subprocess
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+PACKAGE = "pathway-explainer"
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: Written beside the package's code in a model archive (which has no ``.git``) by ``pathway-archive``.
+REVISION_FILE = "REVISION"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def attribution_sha256(attribution: np.ndarray) -> str:
+    """SHA-256 of the attribution exactly as the engine returned it: the float32 ``[H, W]`` map at the model's
+    input resolution (signed, divided by its max ``|·|``), little-endian, C order, before any float16
+    conversion or rendering. The ``attribution`` output (``.npy``, float32 in the CLI) holds these bytes."""
+    return sha256_hex(np.ascontiguousarray(attribution, dtype="<f4").tobytes())
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state dict (each name, dtype, shape and C-order bytes, in order): the weights'
+    identity when they come from no file (a seeded random initialisation)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def package_version() -> str:
+    try:
+        return f"{PACKAGE} {importlib.metadata.version(PACKAGE)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{PACKAGE} unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def source_revision() -> str:
+    """The code's revision: the archive's ``REVISION`` file, else ``git describe --always --dirty`` of the
+    checkout the package runs from, else ``"unknown"``."""
+    written = PACKAGE_DIR / REVISION_FILE
+    if written.is_file():
+        return written.read_text().strip() or "unknown"
+    try:
+        proc = subprocess.run(["git", "-C", str(PACKAGE_DIR), "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+
+
+def device_kind(device: torch.device) -> str:
+    """``cpu``, or ``cuda (<GPU name>)``, with ``deterministic`` when deterministic algorithms are on."""
+    kind = device.type if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})"
+    return kind + (", deterministic" if device.type == "cuda" and torch.are_deterministic_algorithms_enabled()
+                   else "")
+
+
+def resolved_options(options, request, specs: dict) -> dict:
+    """The request as the one validation step resolved it: every option of ``RequestOptions`` with the
+    engine's defaults filled in (method, sparsity, reduction, selection, each declared method option)."""
+    record = {f.name: _plain(getattr(options, f.name)) for f in fields(options) if f.name != "method_options"}
+    record.update(method=request.method, sparsity=request.sparsity, reduce=request.reduce,
+                  selection=request.selection)
+    given = dict(request.options)
+    record["method_options"] = {name: _plain(given.get(name, spec.default)) for name, spec in sorted(specs.items())}
+    return record
+
+
+def raw_options(record: dict) -> dict:
+    """The fields :func:`~handler.schema.parse_options` takes back from :func:`resolved_options`'s record."""
+    raw = {k: v for k, v in record.items() if k != "method_options"}
+    raw.update(record.get("method_options") or {})
+    return raw
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :meth:`ExplanationService.verify` found: ``ok``, and one line saying what matched or differs."""
+
+    ok: bool
+    message: str
+    differences: tuple = ()  # ("weights", "image", ...) in the order checked
+    attribution_sha256: Optional[str] = None  # recomputed (None when the check stopped before computing)

@@ -1,0 +1,46 @@
+"""Reproducible explanations through a real TorchServe: under concurrent load, with varying neighbours in
+TorchServe's batches, every answer's attribution digest equals the same photo's answer sent alone, and
+``pathway-explain --verify`` accepts the server's document for its photo and refuses it for another."""
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from handler.cli import run as cli_run
+
+pytestmark = pytest.mark.server
+MODEL = "efficientnet_lite0"
+NAMES = ("coffee", "chelsea", "astronaut", "rocket")
+
+
+def explain(server, data: bytes) -> dict:
+    reply = server.post(f"/explanations/{MODEL}", json={"image": base64.b64encode(data).decode()})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_concurrent_answers_have_the_bits_of_the_photo_sent_alone_and_verify(server, photos, tmp_path, capsys):
+    data = {name: photos[name].read_bytes() for name in NAMES}
+    alone = {name: explain(server, data[name]) for name in NAMES}
+    before = server.model_log().count("pathway batch:")
+    # the same photos in varying combinations and orders, sent together so TorchServe batches them
+    rounds = [["coffee", "chelsea", "astronaut", "coffee", "rocket", "chelsea"],
+              ["rocket", "coffee", "coffee", "astronaut", "chelsea", "rocket", "coffee"]]
+    for names in rounds:
+        with ThreadPoolExecutor(len(names)) as pool:
+            answers = list(pool.map(lambda name: explain(server, data[name]), names))
+        for name, answer in zip(names, answers):
+            assert answer["provenance"]["attribution_sha256"] == alone[name]["provenance"]["attribution_sha256"], name
+            assert answer["explanation"]["heatmap"]["data"] == alone[name]["explanation"]["heatmap"]["data"], name
+    sizes = [int(line.split("pathway batch: ")[1].split()[0])
+             for line in server.model_log().split("\n") if "pathway batch:" in line][before:]
+    assert max(sizes) > 1, "the concurrent requests were never batched together"
+
+    document = tmp_path / "coffee.json"
+    document.write_text(json.dumps(alone["coffee"]))
+    assert cli_run(["--verify", str(document), str(photos["coffee"]), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip().endswith("pass shape 4")
+    assert cli_run(["--verify", str(document), str(photos["chelsea"]), "--device", "cpu"]) == 1
+    assert "differs (image" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""Reproducible explanations: the same bits whatever the batch, a provenance record, and verification.
+
+Engine and service level, on the real EfficientNet-Lite0 with real photos; the same checks through a real
+TorchServe under concurrent load are in tests/serving/test_reproducible_serving.py.
+"""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from handler import ExplanationService
+from handler.cli import run as cli_run
+from handler.models import file_sha256, get_spec, weights_path
+from handler.provenance import attribution_sha256
+
+BUDGET_BYTES = 150_000  # the default response's size budget (tests/serving/test_server.py)
+
+
+@pytest.fixture(scope="module")
+def images(lite0_service, photos):
+    """Each sample photo preprocessed, by name, and its bytes."""
+    data = {name: path.read_bytes() for name, path in photos.items()}
+    decoded = {name: lite0_service.decode(raw) for name, raw in data.items()}
+    return {name: lite0_service.preprocessor.batch([image]) for name, image in decoded.items()}, data
+
+
+def digests(service, tensors, names):
+    explainer = service.explainer
+    request = explainer.validate(explainer.defaults)
+    batch = torch.cat([tensors[name] for name in names])
+    return [attribution_sha256(e.attribution) for e in explainer.explain_requests(batch, [request] * len(names))]
+
+
+def test_an_image_gets_the_same_attribution_bits_alone_and_in_any_batch_position(lite0_service, images):
+    tensors, _ = images
+    assert lite0_service.explainer.pass_batch == 4  # the default: every pass padded to 4 samples
+    [alone] = digests(lite0_service, tensors, ["coffee"])
+    batches = [["chelsea", "coffee"], ["coffee", "astronaut", "rocket"], ["rocket", "chelsea", "astronaut", "coffee"],
+               ["astronaut", "chelsea", "rocket", "chelsea", "coffee"]]  # 5: cut into a pass of 4 and a padded one
+    for names in batches:
+        found = digests(lite0_service, tensors, names)
+        assert found[names.index("coffee")] == alone, names
+    # and a neighbour's bits do not depend on coffee either
+    assert digests(lite0_service, tensors, ["chelsea", "coffee"])[0] == digests(lite0_service, tensors, ["chelsea"])[0]
+
+
+def test_an_out_of_memory_split_keeps_results_verifiable_at_the_recorded_shape(lite0_service, images, monkeypatch):
+    """A pass of the fixed shape that runs out of memory is retried at half the shape; each explanation records
+    the shape it ran at, and rerunning at that shape gives the same bits."""
+    from handler.engine.explainer import Explainer
+
+    tensors, _ = images
+    service = ExplanationService.from_spec("efficientnet_lite0", device="cpu", pass_batch=4)  # its own planner
+    real_run = Explainer._run
+    failed = []
+
+    def run_or_fail(self, x, *args, **kwargs):
+        if x.shape[0] == 4 and not failed:
+            failed.append(True)
+            raise torch.OutOfMemoryError("simulated")
+        return real_run(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Explainer, "_run", run_or_fail)
+    explainer = service.explainer
+    request = explainer.validate(explainer.defaults)
+    batch = torch.cat([tensors[n] for n in ("chelsea", "coffee", "rocket")])
+    split = explainer.explain_requests(batch, [request] * 3)
+    assert failed and [e.pass_batch for e in split] == [2, 2, 2]
+    monkeypatch.setattr(Explainer, "_run", real_run)
+    [again] = explainer.explain_requests(tensors["coffee"], [request], pass_batch=2)
+    assert attribution_sha256(again.attribution) == attribution_sha256(split[1].attribution)
+
+
+def test_every_explanation_document_records_its_provenance(lite0_service, coffee):
+    [result] = lite0_service.explain_images([coffee], sparsity=0.6)
+    record = result.document["provenance"]
+    assert record["model"] == "efficientnet_lite0"
+    assert record["weights_sha256"] == file_sha256(weights_path(get_spec("efficientnet_lite0")))
+    assert record["image_sha256"] == hashlib.sha256(coffee).hexdigest()
+    assert record["attribution_sha256"] == hashlib.sha256(result.attribution.astype("<f4").tobytes()).hexdigest()
+    assert record["options"]["sparsity"] == 0.6 and record["options"]["method"] == "pathway_gradient"
+    assert record["options"]["reduce"] == "max_abs" and record["options"]["selection"] == "contribution"
+    assert record["options"]["top_k"] == 5 and "method_options" in record["options"]
+    assert record["preprocessing"]["crop"] == 224 and record["device"] == "cpu"
+    assert record["torch"] == torch.__version__ and record["pass_batch"] == 4
+    assert record["package"].startswith("pathway-explainer ") and record["revision"]
+    # the server's default response (heatmap + pathway, inline) stays within its budget with the record
+    [served] = lite0_service.explain([lite0_service.decode(coffee)], [result_options(lite0_service)])
+    assert len(json.dumps(served.inline()).encode()) < BUDGET_BYTES
+
+
+def result_options(service):
+    from handler.schema import parse_options
+
+    return parse_options({}, service.limits)
+
+
+def test_verify_accepts_the_document_for_its_image_and_names_what_differs_otherwise(lite0_service, coffee, chelsea):
+    [result] = lite0_service.explain_images([coffee])
+    document = json.loads(json.dumps(result.inline()))  # as a client stores it
+    verified = lite0_service.verify(document, coffee)
+    assert verified.ok, verified.message
+    assert verified.attribution_sha256 == document["provenance"]["attribution_sha256"]
+
+    other = lite0_service.verify(document, chelsea)
+    assert not other.ok and other.differences[0] == "image" and "attribution" in other.differences
+
+    resparsed = json.loads(json.dumps(document))
+    resparsed["provenance"]["options"]["sparsity"] = 0.5  # claims another sparsity: the bits differ
+    resparsed["explanation"]["pathway"]["requested_sparsity"] = 0.5
+    assert lite0_service.verify(resparsed, coffee).differences == ("attribution",)
+
+    inconsistent = json.loads(json.dumps(document))
+    inconsistent["explanation"]["pathway"]["requested_sparsity"] = 0.5  # the record says 0.7
+    refused = lite0_service.verify(inconsistent, coffee)
+    assert refused.differences == ("options",) and "sparsity" in refused.message
+
+    assert lite0_service.verify({"model": "x"}, coffee).differences == ("document",)
+
+
+def test_cli_verify_refuses_tampered_weights(lite0_service, coffee, photos, tmp_path, capsys):
+    """Weights with one value changed: --verify names the weights (exit 1); the real weights pass (exit 0)."""
+    [result] = lite0_service.explain_images([coffee])
+    doc = tmp_path / "coffee.json"
+    doc.write_text(json.dumps(result.inline()))
+    spec = get_spec("efficientnet_lite0")
+    state = torch.load(weights_path(spec), map_location="cpu", weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first].clone(memory_format=torch.contiguous_format)
+    state[first].view(-1)[0] += 1e-3
+    torch.save(state, tmp_path / "tampered.pth")
+    data = spec.to_dict()
+    data["weights"] = {"file": str(tmp_path / "tampered.pth"), "match": "order"}
+    (tmp_path / "tampered.json").write_text(json.dumps(data))
+
+    assert cli_run(["--verify", str(doc), str(photos["coffee"]), "--device", "cpu"]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert cli_run(["--verify", str(doc), str(photos["coffee"]), "--device", "cpu",
+                    "--model", str(tmp_path / "tampered.json")]) == 1
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "differs (weights" in message
