@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -25,8 +26,11 @@ from torch import nn
 
 from ..engine import DEFAULTS, Explainer, InputNormalisation
 from ..errors import UnknownModel
+from .preparation import UNPREPARED, Preparation, PreparationError, PreparationReport, example_input, \
+    frozen_predictor, prepare_model
 
 SPEC_DIR = Path(__file__).parent
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -77,6 +81,7 @@ class ModelSpec:
     num_classes: Optional[int] = None
     defaults: dict = field(default_factory=lambda: default_settings())
     description: str = ""
+    prepare: Preparation = field(default_factory=Preparation)  # inference preparation (handler.models.preparation)
     base_dir: Optional[str] = None  # where relative paths resolve; not serialised
 
     @classmethod
@@ -100,7 +105,11 @@ class ModelSpec:
             raise ModelLoadError(f"weights.match must be 'name' or 'order', not {weights.match!r}")
         defaults = default_settings()
         defaults.update(data.pop("defaults", None) or {})
-        return cls(weights=weights, preprocessing=prep, defaults=defaults,
+        try:
+            preparation = Preparation.from_value(data.pop("prepare", None))
+        except (PreparationError, TypeError) as err:
+            raise ModelLoadError(f"model spec: {err}") from None
+        return cls(weights=weights, preprocessing=prep, defaults=defaults, prepare=preparation,
                    base_dir=str(base_dir) if base_dir is not None else None, **data)
 
     @classmethod
@@ -127,6 +136,8 @@ class ModelSpec:
             out["num_classes"] = self.num_classes
         if self.description:
             out["description"] = self.description
+        if self.prepare != Preparation():
+            out["prepare"] = False if self.prepare == UNPREPARED else self.prepare.to_dict()
         return out
 
     def replace(self, **changes) -> "ModelSpec":
@@ -336,10 +347,27 @@ class LoadedModel:
     module: nn.Module
     labels: Optional[list]
     label_aliases: dict = field(default_factory=dict)  # see label_aliases()
+    preparation: PreparationReport = field(default_factory=PreparationReport)
+    #: What serves predictions when it is not the eager ``module`` (a frozen TorchScript copy); see
+    #: :func:`load_model`'s ``predictor``.
+    predictor: Optional[nn.Module] = None
+
+    @property
+    def predict_module(self) -> nn.Module:
+        return self.predictor if self.predictor is not None else self.module
 
 
-def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu") -> LoadedModel:
-    """Build the architecture, load its weights, freeze it and put it in eval mode on ``device``."""
+def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu", *,
+               prepare: Optional[bool] = None, predictor: bool = False) -> LoadedModel:
+    """Build the architecture, load its weights, freeze it and put it in eval mode on ``device``, then prepare
+    it for inference as the spec's ``prepare`` entry says (:mod:`.preparation`: BatchNorm folded into its
+    convolution, the faster memory format; exact in eval mode, every activation site kept).
+
+    ``prepare=False`` loads the model as trained whatever the spec says (the evaluation suite re-initialises
+    layers, BatchNorms included); ``True`` or None follow the spec. ``predictor=True`` (the server) also builds
+    what serves predictions when the spec asks for more than the eager model (``LoadedModel.predictor``).
+    The weights file is read as it is; preparation changes the module in memory only.
+    """
     spec = get_spec(spec)
     labels = load_labels(spec)
     num_classes = spec.num_classes or (len(labels) if labels else None)
@@ -356,7 +384,19 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
         apply_state_dict(model, read_state_dict(path), spec.weights.match,
                          labels if spec.num_classes is None else None)
     model.eval().requires_grad_(False).to(device)
-    return LoadedModel(spec, model, labels, label_aliases(spec))
+    settings = UNPREPARED if prepare is False else spec.prepare
+    x = example_input(spec.preprocessing.crop, device)
+    model, report = prepare_model(model, settings, x)
+    model.requires_grad_(False)
+    device = torch.device(device)
+    frozen = None
+    if predictor and not report.reverted and (settings.predict == "frozen" or (
+            settings.predict == "auto" and device.type == "cpu")):
+        frozen = frozen_predictor(model, x)
+    if settings.changes_model:
+        logger.info("model %s prepared for inference: %s; predictions: %s", spec.name, report.summary(),
+                    "frozen TorchScript" if frozen is not None else "eager")
+    return LoadedModel(spec, model, labels, label_aliases(spec), report, frozen)
 
 
 def explainer_for(loaded: LoadedModel, module: Optional[nn.Module] = None, *, device=None, memory_budget=None,

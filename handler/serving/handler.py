@@ -82,7 +82,7 @@ class PathwayHandler:
         spec = ModelSpec.from_file(model_dir / SPEC_FILE)
         self.model_name = context.model_name
         self.metrics = HandlerMetrics(getattr(context, "metrics", None), self.model_name)
-        self.service = ExplanationService(load_model(spec, device=device), device=device, limits=limits,
+        self.service = ExplanationService(load_model(spec, device=device, predictor=True), device=device, limits=limits,
                                           observer=self.metrics)
         self.initialized = True
         logger.info("pathway handler ready: model %s on %s (engine from %s)", spec.name, device,
