@@ -348,8 +348,8 @@ class LoadedModel:
     labels: Optional[list]
     label_aliases: dict = field(default_factory=dict)  # see label_aliases()
     preparation: PreparationReport = field(default_factory=PreparationReport)
-    #: What serves predictions when it is not the eager ``module`` (a frozen TorchScript copy); see
-    #: :func:`load_model`'s ``predictor``.
+    #: What serves predictions when it is not the explained ``module``: the prepared model, or its frozen
+    #: TorchScript copy; see :func:`load_model`'s ``predictor``.
     predictor: Optional[nn.Module] = None
 
     @property
@@ -359,13 +359,14 @@ class LoadedModel:
 
 def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu", *,
                prepare: Optional[bool] = None, predictor: bool = False) -> LoadedModel:
-    """Build the architecture, load its weights, freeze it and put it in eval mode on ``device``, then prepare
+    """Build the architecture, load its weights, freeze it and put it in eval mode on ``device``, and prepare
     it for inference as the spec's ``prepare`` entry says (:mod:`.preparation`: BatchNorm folded into its
-    convolution, the faster memory format; exact in eval mode, every activation site kept).
+    convolution, the faster memory format, a frozen copy; exact in eval mode, every activation site kept).
 
-    ``prepare=False`` loads the model as trained whatever the spec says (the evaluation suite re-initialises
-    layers, BatchNorms included); ``True`` or None follow the spec. ``predictor=True`` (the server) also builds
-    what serves predictions when the spec asks for more than the eager model (``LoadedModel.predictor``).
+    ``predictor=True`` (the server) builds what serves predictions (``LoadedModel.predictor``); explanations
+    run the trained model unless the spec's ``prepare.explain_prepared`` says otherwise. ``prepare=False``
+    loads the model as trained whatever the spec says (the evaluation suite re-initialises layers, BatchNorms
+    included); None follows the spec.
     The weights file is read as it is; preparation changes the module in memory only.
     """
     spec = get_spec(spec)
@@ -385,18 +386,23 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
                          labels if spec.num_classes is None else None)
     model.eval().requires_grad_(False).to(device)
     settings = UNPREPARED if prepare is False else spec.prepare
-    x = example_input(spec.preprocessing.crop, device)
-    model, report = prepare_model(model, settings, x)
-    model.requires_grad_(False)
     device = torch.device(device)
-    frozen = None
-    if predictor and not report.reverted and (settings.predict == "frozen" or (
-            settings.predict == "auto" and device.type == "cpu")):
-        frozen = frozen_predictor(model, x)
-    if settings.changes_model:
-        logger.info("model %s prepared for inference: %s; predictions: %s", spec.name, report.summary(),
-                    "frozen TorchScript" if frozen is not None else "eager")
-    return LoadedModel(spec, model, labels, label_aliases(spec), report, frozen)
+    report, serving = PreparationReport(), None
+    if settings.changes_model and (predictor or settings.explain_prepared):
+        x = example_input(spec.preprocessing.crop, device)
+        prepared, report = prepare_model(model, settings, x)
+        prepared.requires_grad_(False)
+        if predictor and prepared is not model and (settings.predict == "frozen" or (
+                settings.predict == "auto" and device.type == "cpu")):
+            serving = frozen_predictor(prepared, x, settings.predict_memory_format(prepared, device))
+        if predictor and serving is None and prepared is not model and not settings.explain_prepared:
+            serving = prepared
+        if settings.explain_prepared:
+            model = prepared
+        logger.info("model %s prepared for inference: %s; predictions: %s; explanations: %s model", spec.name,
+                    report.summary(), type(serving).__name__ if serving is not None else "the explained model",
+                    "the prepared" if settings.explain_prepared and not report.reverted else "the trained")
+    return LoadedModel(spec, model, labels, label_aliases(spec), report, serving)
 
 
 def explainer_for(loaded: LoadedModel, module: Optional[nn.Module] = None, *, device=None, memory_budget=None,

@@ -17,8 +17,9 @@ proven is left alone. After preparing, the model is checked against the
 unprepared one (logits to float tolerance, identical site layout) on a random
 input; a model that fails the check is served unprepared, with a warning.
 
-The memory format is the faster of contiguous and channels-last for the model
-on its device, measured at load time ("auto"), or the one the spec names.
+The memory format is the one the spec names, or by default (``"auto"``,
+:func:`memory_format_for`) contiguous for the explained model and channels-last
+for the predictions' frozen copy on the CPU.
 
 For predictions only, a frozen TorchScript copy
 (:func:`torch.jit.optimize_for_inference`) can stand in for the eager model
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
@@ -57,15 +57,20 @@ class Preparation:
     """A model spec's ``prepare`` entry (``true``/absent: these defaults; ``false``: :data:`UNPREPARED`).
 
     ``fold_batchnorm``: fold each BatchNorm into the convolution it directly follows.
-    ``memory_format``: ``"auto"`` (measured at load: the faster of the two), ``"channels_last"`` or
-    ``"contiguous"``. ``predict``: what serves ``/predictions``: ``"eager"`` (the prepared model),
+    ``memory_format``: ``"auto"`` (:func:`memory_format_for`), ``"channels_last"`` or
+    ``"contiguous"`` (both the explained model and the predictions' copy). ``predict``: what serves ``/predictions``: ``"eager"`` (the prepared model),
     ``"frozen"`` (a frozen TorchScript copy, checked against the eager model at load) or ``"auto"``
     (frozen on the CPU, where benchmarks/speed/predict.py measured it faster; eager on a GPU, not measured).
+    ``explain_prepared``: explanations run the prepared model too. Off by default: an explanation's neuron
+    threshold is sensitive to float rounding, and the folded model's maps agree with the trained model's only
+    to Pearson 0.96-1.0 on the sample photos (as much as a change of thread count moves them), while the
+    predictions' copy is checked to float tolerance.
     """
 
     fold_batchnorm: bool = True
     memory_format: str = "auto"
     predict: str = "auto"
+    explain_prepared: bool = False
 
     @classmethod
     def from_value(cls, value) -> "Preparation":
@@ -75,12 +80,13 @@ class Preparation:
             return UNPREPARED
         if not isinstance(value, dict):
             raise PreparationError(f"prepare must be true, false or an object, not {value!r}")
-        unknown = set(value) - {"fold_batchnorm", "memory_format", "predict"}
+        unknown = set(value) - {"fold_batchnorm", "memory_format", "predict", "explain_prepared"}
         if unknown:
             raise PreparationError(f"prepare has unknown fields: {', '.join(sorted(unknown))}")
         prep = cls(**value)
-        if not isinstance(prep.fold_batchnorm, bool):
-            raise PreparationError(f"prepare.fold_batchnorm must be true or false, not {prep.fold_batchnorm!r}")
+        for flag in ("fold_batchnorm", "explain_prepared"):
+            if not isinstance(getattr(prep, flag), bool):
+                raise PreparationError(f"prepare.{flag} must be true or false, not {getattr(prep, flag)!r}")
         if prep.memory_format not in MEMORY_FORMATS:
             raise PreparationError(f"prepare.memory_format must be one of {', '.join(MEMORY_FORMATS)}, "
                                    f"not {prep.memory_format!r}")
@@ -91,13 +97,18 @@ class Preparation:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def predict_memory_format(self, model: nn.Module, device: torch.device) -> str:
+        if self.memory_format == "auto":
+            return memory_format_for(model, device, explained=False)
+        return self.memory_format
+
     @property
     def changes_model(self) -> bool:
-        return self.fold_batchnorm or self.memory_format != "contiguous"
+        return self.fold_batchnorm or self.memory_format == "channels_last"
 
 
 #: No preparation: the model as built and loaded.
-UNPREPARED = Preparation(fold_batchnorm=False, memory_format="contiguous", predict="eager")
+UNPREPARED = Preparation(fold_batchnorm=False, memory_format="contiguous", predict="eager", explain_prepared=False)
 
 
 @dataclass
@@ -106,7 +117,6 @@ class PreparationReport:
 
     folded: list = field(default_factory=list)  # (convolution path, BatchNorm path)
     memory_format: str = "contiguous"
-    timings_ms: dict = field(default_factory=dict)  # memory format -> forward ms at batch 1 ("auto" only)
     reverted: Optional[str] = None  # why the prepared model was discarded, if it was
 
     def summary(self) -> str:
@@ -231,12 +241,19 @@ def fold_batchnorms(model: nn.Module) -> list:
         replacement = _folded_replacement(bn)
         if replacement is None or not _conv_matches(conv, bn):
             continue
-        fused = fuse_conv_bn_eval(conv, bn)
-        fused.requires_grad_(conv.weight.requires_grad)
+        fused = _fused_in_double(conv, bn)
         _set_submodule(model, conv_path, fused)
         _set_submodule(model, bn_path, replacement)
         folded.append((conv_path, bn_path))
     return folded
+
+
+def _fused_in_double(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """torch's fold, computed in float64 and stored in the convolution's dtype: the folded weights are the
+    exact ones rounded once, so the only difference left is the convolution's own summation order."""
+    dtype = conv.weight.dtype
+    fused = fuse_conv_bn_eval(copy.deepcopy(conv).double(), copy.deepcopy(bn).double()).to(dtype)
+    return fused.requires_grad_(conv.weight.requires_grad)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -250,40 +267,20 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _has_convolution(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Conv2d,)) for m in model.modules())
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _forward_ms(model: nn.Module, x: torch.Tensor, rounds: int) -> float:
-    times = []
-    with torch.inference_mode():
-        for _ in range(rounds):
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            start = time.perf_counter()
-            model(x)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
-def fastest_memory_format(model: nn.Module, x: torch.Tensor, rounds: int = 5) -> tuple:
-    """``(format name, {format: ms})``: the model's forward at batch 1, contiguous vs channels-last weights,
-    interleaved round by round (after one warm-up each) so that machine noise hits both alike. Channels-last
-    must win by 5 % to be chosen: the engine's score buffers follow the contiguous layout."""
-    if not _has_convolution(model):
-        return "contiguous", {}
-    timings: dict = {"contiguous": [], "channels_last": []}
-    for fmt in ("contiguous", "channels_last", "contiguous", "channels_last"):  # warm-up, then not counted
-        model.to(memory_format=getattr(torch, "contiguous_format" if fmt == "contiguous" else fmt))
-        _forward_ms(model, x, 1)
-    for _ in range(rounds):
-        for fmt in ("contiguous", "channels_last"):
-            model.to(memory_format=torch.contiguous_format if fmt == "contiguous" else torch.channels_last)
-            timings[fmt].append(_forward_ms(model, x, 1))
-    medians = {fmt: sorted(ms)[len(ms) // 2] for fmt, ms in timings.items()}
-    choice = "channels_last" if medians["channels_last"] < 0.95 * medians["contiguous"] else "contiguous"
-    return choice, {fmt: round(ms, 2) for fmt, ms in medians.items()}
+def memory_format_for(model: nn.Module, device: torch.device, *, explained: bool) -> str:
+    """``"auto"``'s choice. The explained model stays contiguous: the engine's score buffers and masks are
+    laid out for contiguous activations (a channels-last model explains no faster), and a different layout
+    changes the float rounding an explanation's neuron threshold sees. The predictions' frozen copy is
+    channels-last on the CPU for a model with 2-D convolutions (oneDNN's fast path;
+    ``benchmarks/speed/predict.py`` measures it). On a GPU, contiguous (channels-last pays there with reduced
+    precision, which serving does not use; not measured). Decided by rule rather than timed at load: a worker
+    on a busy machine measures noise, and one spec on one kind of device should compute alike everywhere."""
+    if explained:
+        return "contiguous"
+    return "channels_last" if device.type == "cpu" and _has_convolution(model) else "contiguous"
 
 
 def set_memory_format(model: nn.Module, name: str) -> None:
@@ -318,7 +315,7 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
             report.folded = fold_batchnorms(prepared)
         fmt = settings.memory_format
         if fmt == "auto":
-            fmt, report.timings_ms = fastest_memory_format(prepared, x)
+            fmt = memory_format_for(prepared, x.device, explained=True)
         set_memory_format(prepared, fmt)
         report.memory_format = fmt
         with torch.no_grad():
@@ -336,16 +333,17 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
 
 class FrozenPredictor(nn.Module):
     """A frozen TorchScript copy of a prepared model, for predictions only (its activation calls cannot be
-    intercepted, so explanations never use it). Inputs of another shape than the one it was traced with
-    go to the eager model."""
+    intercepted, so explanations never use it), traced in ``memory_format`` (channels-last: the input is laid
+    out so too). Inputs of another shape than the one it was traced with go to the eager model."""
 
-    def __init__(self, eager: nn.Module, x: torch.Tensor):
+    def __init__(self, eager: nn.Module, x: torch.Tensor, memory_format: str = "contiguous"):
         super().__init__()
         self.shape = tuple(x.shape[1:])
-        self.channels_last = next((p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                                   for p in eager.parameters() if p.dim() == 4), False)
+        self.channels_last = memory_format == "channels_last"
+        copied = copy.deepcopy(eager)
+        set_memory_format(copied, memory_format)
         with torch.no_grad():
-            traced = torch.jit.trace(eager, self._layout(x), check_trace=False)
+            traced = torch.jit.trace(copied, self._layout(x), check_trace=False)
             self.frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         self.eager = [eager]  # not a submodule: its parameters are not this module's
 
@@ -358,11 +356,11 @@ class FrozenPredictor(nn.Module):
         return self.frozen(self._layout(x))
 
 
-def frozen_predictor(eager: nn.Module, x: torch.Tensor) -> Optional[FrozenPredictor]:
+def frozen_predictor(eager: nn.Module, x: torch.Tensor, memory_format: str = "contiguous") -> Optional[FrozenPredictor]:
     """A :class:`FrozenPredictor`, checked against the eager model at batch 1 and 3; None when it cannot be
     built or does not agree (predictions then use the eager model)."""
     try:
-        predictor = FrozenPredictor(eager, x[:1])
+        predictor = FrozenPredictor(eager, x[:1], memory_format)
         with torch.no_grad():
             for batch in (1, 3):
                 probe = x[:1].expand(batch, *x.shape[1:]).clone() + 0.1 * torch.arange(
