@@ -76,9 +76,12 @@ class PathwayHandler:
         limits = Limits.from_config(section.get("limits"))
         self.max_instances = int(section.get("max_instances_per_request", 16))
         device = choose_device(props.get("gpu_id"), section.get("device", "auto"))
-        threads = section.get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
+        intra, inter = worker_threads(section, config)
+        torch.set_num_threads(intra)
+        try:
+            torch.set_num_interop_threads(inter)
+        except RuntimeError:  # only before the first inter-op parallel work of the process
+            logger.warning("torch inter-op threads already fixed at %d", torch.get_num_interop_threads())
         spec = ModelSpec.from_file(model_dir / SPEC_FILE)
         self.model_name = context.model_name
         self.metrics = HandlerMetrics(getattr(context, "metrics", None), self.model_name)
@@ -212,6 +215,29 @@ def request_headers(context, index: int) -> dict:
         return context.get_all_request_header(index) or {}
     except (IndexError, KeyError, TypeError, AttributeError):
         return {}
+
+
+def worker_threads(section: dict, config: dict) -> tuple:
+    """``(intra-op, inter-op)`` torch threads of one worker, from ``pathway.torch_threads`` and
+    ``pathway.torch_interop_threads`` of model-config.yaml; ``"auto"``: the CPU cores shared out among the
+    model's workers (``maxWorkers``), at least one each, and one inter-op thread.
+
+    Why: a worker runs one batch at a time and an eager forward has no independent ops to run side by side,
+    so inter-op threads only add idle pools; and workers whose OpenMP threads outnumber the cores stall at
+    every parallel region's barrier (benchmarks/speed/README.md: single calls 3-10x slower).
+    """
+    import os
+
+    workers = max(1, int(config.get("maxWorkers") or config.get("minWorkers") or 1))
+    intra = section.get("torch_threads", "auto")
+    inter = section.get("torch_interop_threads", "auto")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    intra = max(1, cores // workers) if intra in (None, "auto") else int(intra)
+    inter = 1 if inter in (None, "auto") else int(inter)
+    if intra < 1 or inter < 1:
+        raise ValueError(f"torch threads must be at least 1 (pathway.torch_threads {intra}, "
+                         f"pathway.torch_interop_threads {inter})")
+    return intra, inter
 
 
 def choose_device(gpu_id, preference: str = "auto") -> torch.device:
