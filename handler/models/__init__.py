@@ -352,10 +352,6 @@ class LoadedModel:
     #: TorchScript copy; see :func:`load_model`'s ``predictor``.
     predictor: Optional[nn.Module] = None
 
-    @property
-    def predict_module(self) -> nn.Module:
-        return self.predictor if self.predictor is not None else self.module
-
 
 def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu", *,
                prepare: Optional[bool] = None, predictor: bool = False) -> LoadedModel:
@@ -388,12 +384,11 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
     settings = UNPREPARED if prepare is False else spec.prepare
     device = torch.device(device)
     report, serving = PreparationReport(), None
-    if settings.changes_model and (predictor or settings.explain_prepared):
+    if settings != UNPREPARED and (predictor or settings.explain_prepared):
         x = example_input(spec.preprocessing.crop, device)
-        prepared, report = prepare_model(model, settings, x)
+        prepared, report = prepare_model(model, settings, x)  # ``model`` itself when nothing is to change
         prepared.requires_grad_(False)
-        if predictor and prepared is not model and (settings.predict == "frozen" or (
-                settings.predict == "auto" and device.type == "cpu")):
+        if predictor and (settings.predict == "frozen" or (settings.predict == "auto" and device.type == "cpu")):
             serving = frozen_predictor(prepared, x, settings.predict_memory_format(prepared, device))
         if predictor and serving is None and prepared is not model and not settings.explain_prepared:
             serving = prepared

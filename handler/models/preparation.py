@@ -58,7 +58,8 @@ class Preparation:
 
     ``fold_batchnorm``: fold each BatchNorm into the convolution it directly follows.
     ``memory_format``: ``"auto"`` (:func:`memory_format_for`), ``"channels_last"`` or
-    ``"contiguous"`` (both the explained model and the predictions' copy). ``predict``: what serves ``/predictions``: ``"eager"`` (the prepared model),
+    ``"contiguous"`` (both the explained model and the predictions' copy).
+    ``predict``: what serves ``/predictions``: ``"eager"`` (the prepared model),
     ``"frozen"`` (a frozen TorchScript copy, checked against the eager model at load) or ``"auto"``
     (frozen on the CPU, where benchmarks/speed/predict.py measured it faster; eager on a GPU, not measured).
     ``explain_prepared``: explanations run the prepared model too. Off by default: an explanation's neuron
@@ -356,7 +357,8 @@ class FrozenPredictor(nn.Module):
         return self.frozen(self._layout(x))
 
 
-def frozen_predictor(eager: nn.Module, x: torch.Tensor, memory_format: str = "contiguous") -> Optional[FrozenPredictor]:
+def frozen_predictor(eager: nn.Module, x: torch.Tensor,
+                     memory_format: str = "contiguous") -> Optional[FrozenPredictor]:
     """A :class:`FrozenPredictor`, checked against the eager model at batch 1 and 3; None when it cannot be
     built or does not agree (predictions then use the eager model)."""
     try:
