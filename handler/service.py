@@ -118,6 +118,7 @@ class ExplanationService:
         self.explainer = explainer_for(loaded, device=device, memory_budget=memory_budget,
                                        max_batch_size=max_batch_size,
                                        pass_batch=loaded.spec.pass_batch if pass_batch == "default" else pass_batch)
+        self.predictor = loaded.predictor  # a frozen copy for predictions only, or None: the explainer's model
         self.observer = observer or ServiceObserver()
         self.explainer.on_batch_split = self.observer.batch_split
 
@@ -272,9 +273,17 @@ class ExplanationService:
 
     def _predict(self, images: Sequence[Image.Image], options: Sequence[Validated]) -> list:
         started = time.perf_counter()
-        probabilities = self.explainer.predict(self.preprocessor.batch(images)).cpu().numpy()
+        probabilities = self.probabilities(self.preprocessor.batch(images)).cpu().numpy()
         self.observer.stage("engine", "predict", time.perf_counter() - started, len(images))
         return [prediction_document(self.name, p, self.labels, o.options.top_k) for p, o in zip(probabilities, options)]
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities ``[B, K]``: from the frozen predictor where the model has one (built and checked
+        against the eager model at load, :func:`~handler.models.load_model`), else from the explainer's model."""
+        if self.predictor is None:
+            return self.explainer.predict(x)
+        with torch.inference_mode():
+            return self.predictor(x.to(self.device)).float().softmax(dim=1)
 
     def _explain(self, images: Sequence[Image.Image], options: Sequence[Validated], attribution_dtype,
                  visualization: Optional[VisualizationSettings] = None) -> list:

@@ -147,6 +147,17 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['route']} | {r['clients']} | {r['requests']} | {r['p50_ms']:.0f} | "
                      f"{r['p95_ms']:.0f} | {r['throughput_rps']:.2f} | {_size(r['response_bytes'])} |")
+    stock_p1 = find("stock_lite0", "predictions", 1)
+    lines += ["", "Acceptance ratios of issue 12 (same run):", ""]
+    for clients in (1, 8):
+        ours, stock = find("efficientnet_lite0", "predictions", clients), find("stock_lite0", "predictions", clients)
+        lines.append(f"- {clients} client(s): /predictions throughput = "
+                     f"{ours['throughput_rps'] / stock['throughput_rps']:.2f}× the stock deployment's (goal ≥ 1.0×)")
+    lines.append(f"- 1 client: /explanations p50 = "
+                 f"{find('efficientnet_lite0', 'explanations', 1)['p50_ms'] / stock_p1['p50_ms']:.2f}× the stock "
+                 "/predictions p50 (goal ≤ 2.0×)")
+    lines.append(f"- load average at the end: {os.getloadavg()[0]:.1f} on {info['cpu_count']} cores (a shared "
+                 "machine: compare only ratios of one run)")
     lines += ["", "Ratios (same run):", ""]
     for clients in (1, 8):
         ours_e = find("efficientnet_lite0", "explanations", clients)

@@ -175,7 +175,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             if not Path(path).is_file():
                 raise UsageError(f"{path}: no such file")
         device = parse_device(args.device)
-        loaded = load_model(args.model, device=device)
+        loaded = load_model(args.model, device=device, prepare=False)  # randomisation resets BatchNorms too
         preprocessor = Preprocessor(loaded.spec.preprocessing)
         if args.synthetic is not None:
             images = synthetic_set(args.synthetic, preprocessor, seed=args.seed)

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -27,8 +28,11 @@ from torch import nn
 from ..engine import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, InputNormalisation
 from ..errors import UnknownModel
 from ..provenance import state_dict_sha256
+from .preparation import UNPREPARED, Preparation, PreparationError, PreparationReport, example_input, \
+    frozen_predictor, prepare_model
 
 SPEC_DIR = Path(__file__).parent
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -81,6 +85,7 @@ class ModelSpec:
     description: str = ""
     #: Samples per engine pass, padded (reproducible explanations); None: the batch's own size.
     pass_batch: Optional[int] = DEFAULT_PASS_BATCH
+    prepare: Preparation = field(default_factory=Preparation)  # inference preparation (handler.models.preparation)
     base_dir: Optional[str] = None  # where relative paths resolve; not serialised
 
     @classmethod
@@ -104,7 +109,11 @@ class ModelSpec:
             raise ModelLoadError(f"weights.match must be 'name' or 'order', not {weights.match!r}")
         defaults = default_settings()
         defaults.update(data.pop("defaults", None) or {})
-        return cls(weights=weights, preprocessing=prep, defaults=defaults,
+        try:
+            preparation = Preparation.from_value(data.pop("prepare", None))
+        except (PreparationError, TypeError) as err:
+            raise ModelLoadError(f"model spec: {err}") from None
+        return cls(weights=weights, preprocessing=prep, defaults=defaults, prepare=preparation,
                    base_dir=str(base_dir) if base_dir is not None else None, **data)
 
     @classmethod
@@ -133,6 +142,8 @@ class ModelSpec:
             out["description"] = self.description
         if self.pass_batch != DEFAULT_PASS_BATCH:
             out["pass_batch"] = self.pass_batch
+        if self.prepare != Preparation():
+            out["prepare"] = False if self.prepare == UNPREPARED else self.prepare.to_dict()
         return out
 
     def replace(self, **changes) -> "ModelSpec":
@@ -346,10 +357,24 @@ class LoadedModel:
     #: initialisation) of the state dict (:func:`~handler.provenance.state_dict_sha256`). Taken at load,
     #: before any preparation of the model for speed, so it names the weights, not a derived network.
     weights_sha256: Optional[str] = None
+    preparation: PreparationReport = field(default_factory=PreparationReport)
+    #: What serves predictions when it is not the explained ``module``: the prepared model, or its frozen
+    #: TorchScript copy; see :func:`load_model`'s ``predictor``.
+    predictor: Optional[nn.Module] = None
 
 
-def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu") -> LoadedModel:
-    """Build the architecture, load its weights, freeze it and put it in eval mode on ``device``."""
+def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu", *,
+               prepare: Optional[bool] = None, predictor: bool = False) -> LoadedModel:
+    """Build the architecture, load its weights, freeze it and put it in eval mode on ``device``, and prepare
+    it for inference as the spec's ``prepare`` entry says (:mod:`.preparation`: BatchNorm folded into its
+    convolution, the faster memory format, a frozen copy; exact in eval mode, every activation site kept).
+
+    ``predictor=True`` (the server) builds what serves predictions (``LoadedModel.predictor``); explanations
+    run the trained model unless the spec's ``prepare.explain_prepared`` says otherwise. ``prepare=False``
+    loads the model as trained whatever the spec says (the evaluation suite re-initialises layers, BatchNorms
+    included); None follows the spec.
+    The weights file is read as it is; preparation changes the module in memory only.
+    """
     spec = get_spec(spec)
     labels = load_labels(spec)
     num_classes = spec.num_classes or (len(labels) if labels else None)
@@ -369,7 +394,23 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
     else:
         weights_sha256 = state_dict_sha256(model)
     model.eval().requires_grad_(False).to(device)
-    return LoadedModel(spec, model, labels, label_aliases(spec), weights_sha256)
+    settings = UNPREPARED if prepare is False else spec.prepare
+    device = torch.device(device)
+    report, serving = PreparationReport(), None
+    if settings != UNPREPARED and (predictor or settings.explain_prepared):
+        x = example_input(spec.preprocessing.crop, device)
+        prepared, report = prepare_model(model, settings, x)  # ``model`` itself when nothing is to change
+        prepared.requires_grad_(False)
+        if predictor and (settings.predict == "frozen" or (settings.predict == "auto" and device.type == "cpu")):
+            serving = frozen_predictor(prepared, x, settings.predict_memory_format(prepared, device))
+        if predictor and serving is None and prepared is not model and not settings.explain_prepared:
+            serving = prepared
+        if settings.explain_prepared:
+            model = prepared
+        logger.info("model %s prepared for inference: %s; predictions: %s; explanations: %s model", spec.name,
+                    report.summary(), type(serving).__name__ if serving is not None else "the explained model",
+                    "the prepared" if settings.explain_prepared and not report.reverted else "the trained")
+    return LoadedModel(spec, model, labels, label_aliases(spec), weights_sha256, report, serving)
 
 
 def file_sha256(path: Path) -> str:

@@ -56,6 +56,10 @@ def declared_caps() -> dict:
 #: The handler's own section of model-config.yaml: explanation defaults and server-side caps.
 DEFAULT_PATHWAY_CONFIG = {
     "device": "auto",
+    # Torch threads per worker (handler.serving.worker.worker_threads): "auto" shares the cores out among
+    # maxWorkers workers, with one inter-op thread; a number fixes it.
+    "torch_threads": "auto",
+    "torch_interop_threads": "auto",
     "max_instances_per_request": 16,
     "limits": {
         "default_top_k": 5,

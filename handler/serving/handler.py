@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from ..errors import BadRequest, ExplainError
 from ..models import ModelSpec, load_model
@@ -36,6 +35,7 @@ from ..schema import Limits
 from ..service import ExplanationService, Job
 from . import responses
 from .metrics import HandlerMetrics
+from .worker import apply_worker_threads, choose_device, worker_threads
 from .requests import ENVELOPE_V1, ParsedRequest, Protocol, envelope_of, parse_envelope, parse_request
 
 logger = logging.getLogger(__name__)
@@ -76,16 +76,15 @@ class PathwayHandler:
         limits = Limits.from_config(section.get("limits"))
         self.max_instances = int(section.get("max_instances_per_request", 16))
         device = choose_device(props.get("gpu_id"), section.get("device", "auto"))
-        threads = section.get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
+        apply_worker_threads(*worker_threads(section, config))
         spec = ModelSpec.from_file(model_dir / SPEC_FILE)
         self.model_name = context.model_name
         self.metrics = HandlerMetrics(getattr(context, "metrics", None), self.model_name)
         # pass_batch: samples per engine pass, padded, so an explanation does not depend on what TorchServe
         # batched it with; null: the batch's own size. Absent: the model spec's (see README "Reproducible").
-        self.service = ExplanationService(load_model(spec, device=device), device=device, limits=limits,
-                                          observer=self.metrics, pass_batch=section.get("pass_batch", "default"))
+        self.service = ExplanationService(load_model(spec, device=device, predictor=True), device=device,
+                                          limits=limits, observer=self.metrics,
+                                          pass_batch=section.get("pass_batch", "default"))
         self.initialized = True
         logger.info("pathway handler ready: model %s on %s (engine from %s)", spec.name, device,
                     Path(__file__).resolve().parents[1])
@@ -214,13 +213,6 @@ def request_headers(context, index: int) -> dict:
         return context.get_all_request_header(index) or {}
     except (IndexError, KeyError, TypeError, AttributeError):
         return {}
-
-
-def choose_device(gpu_id, preference: str = "auto") -> torch.device:
-    """The worker's GPU when TorchServe assigned one and CUDA works, else the CPU."""
-    if preference == "cpu" or gpu_id is None or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(f"cuda:{int(gpu_id)}")
 
 
 def _ascii(text: str) -> str:

@@ -1,0 +1,241 @@
+"""Inference preparation (handler.models.preparation): exact in eval mode, every activation site kept."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from handler import ExplanationService
+from handler.engine.sites import trace_sites
+from handler.models import ModelLoadError, ModelSpec, UNPREPARED, Preparation, get_spec, load_model
+from handler.models import preparation
+from handler.models.preparation import FrozenPredictor, fold_batchnorms, frozen_predictor, prepare_model
+from handler.schema import parse_options
+
+
+def _random(model: nn.Module) -> nn.Module:
+    """Random weights and non-trivial BatchNorm statistics (a fresh BatchNorm is the identity)."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return model.eval().requires_grad_(False)
+
+
+CLASSIFIERS = {
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+    "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(num_classes=10),
+    "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "timm_vit_tiny": lambda: timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10),
+    "timm_efficientnet_lite0": lambda: timm.create_model("tf_efficientnet_lite0", num_classes=10),
+}
+#: How many BatchNorms directly follow a convolution in each (the ones a correct fold must find).
+FOLDABLE = {"resnet18": 20, "mobilenet_v3_small": 34, "efficientnet_b0": 49, "regnet_y_400mf": 53,
+            "convnext_tiny": 0, "densenet121": 59, "timm_vit_tiny": 0, "timm_efficientnet_lite0": 49}
+
+
+def _max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS))
+def test_folding_and_channels_last_keep_outputs_and_activation_sites(name):
+    model = _random(CLASSIFIERS[name]())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+    layout = trace_sites(model, x)
+    prepared = copy.deepcopy(model)
+    folded = fold_batchnorms(prepared)
+    assert len(folded) == FOLDABLE[name]
+    for conv_path, bn_path in folded:
+        assert not isinstance(prepared.get_submodule(bn_path), nn.modules.batchnorm._BatchNorm)
+        assert prepared.get_submodule(conv_path).bias is not None
+    prepared.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = prepared(x)
+    assert _max_relative_error(got, expected) < 1e-4
+    assert trace_sites(prepared, x) == layout
+
+
+def test_efficientnet_lite0_with_its_weights_is_prepared_exactly_and_keeps_every_site():
+    as_trained = load_model("efficientnet_lite0", prepare=False).module
+    spec = get_spec("efficientnet_lite0")
+    loaded = load_model(spec.replace(prepare=Preparation(explain_prepared=True, memory_format="channels_last")))
+    assert loaded.preparation.reverted is None
+    assert len(loaded.preparation.folded) == 49
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.module.modules())
+    assert loaded.module.conv_head.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = as_trained(x)
+        got = loaded.module(x)
+    assert _max_relative_error(got, expected) < 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert trace_sites(loaded.module, x) == trace_sites(as_trained, x)
+
+
+class SharedOutput(nn.Module):
+    """The convolution's output feeds the BatchNorm and a skip: folding would change the skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(self.bn(y)) + y
+
+
+class Untraceable(nn.Module):
+    """Data-dependent Python control flow: fx cannot trace it, its Sequential child is still folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.mean() > 0:  # fx cannot decide this
+            x = x * 2
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))) + self.conv(x)
+
+
+def test_pairs_that_cannot_be_proven_are_left_unfolded():
+    assert fold_batchnorms(_random(SharedOutput())) == []
+    assert fold_batchnorms(_random(CalledTwice())) == []
+    model = _random(Untraceable())
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    # The root does not trace; inside it only the Sequential stem is provably conv -> BatchNorm.
+    assert fold_batchnorms(model) == [("stem.0", "stem.1")]
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert _max_relative_error(model(x), expected) < 1e-5
+
+
+def test_a_preparation_that_changes_the_outputs_is_discarded(monkeypatch):
+    model = _random(torchvision.models.resnet18(num_classes=10))
+    x = torch.randn(1, 3, 64, 64)
+
+    def broken_fold(m):
+        folded = fold_batchnorms(m)
+        with torch.no_grad():
+            m.conv1.weight.mul_(1.5)
+        return folded
+
+    monkeypatch.setattr(preparation, "fold_batchnorms", broken_fold)
+    kept, report = prepare_model(model, Preparation(), x)
+    assert kept is model and report.reverted and "differ" in report.reverted
+    assert isinstance(model.bn1, nn.BatchNorm2d)
+
+
+def test_the_spec_switches_preparation_off_and_rejects_a_malformed_entry(tmp_path):
+    data = get_spec("efficientnet_lite0").to_dict()
+    assert "prepare" not in data  # the default is not written out
+    off = ModelSpec.from_dict(dict(data, prepare=False))
+    assert off.prepare == UNPREPARED and off.to_dict()["prepare"] is False
+    chosen = ModelSpec.from_dict(dict(data, prepare={"memory_format": "contiguous", "predict": "eager"}))
+    assert ModelSpec.from_dict(chosen.to_dict()).prepare == chosen.prepare
+    for bad, field in [({"memory_format": "nhwc"}, "memory_format"), ({"fold": True}, "fold"),
+                       ({"predict": "compiled"}, "predict"), ("yes", "prepare")]:
+        with pytest.raises(ModelLoadError, match=field):
+            ModelSpec.from_dict(dict(data, prepare=bad))
+    spec_file = tmp_path / "digits.json"
+    digits = get_spec("synthetic_digits_cnn")
+    spec_file.write_text(json.dumps(dict(digits.to_dict(), prepare=False,
+                                         weights={"file": str(digits.resolve(digits.weights.file))})))
+    loaded = load_model(spec_file)
+    assert loaded.preparation.folded == [] and isinstance(loaded.module.features.block1[1], nn.BatchNorm2d)
+    assert len(load_model("synthetic_digits_cnn", predictor=True).preparation.folded) == 5
+    assert load_model("synthetic_digits_cnn", predictor=True, prepare=False).predictor is None
+
+
+def test_the_frozen_predictor_agrees_with_the_eager_model_and_hands_other_shapes_to_it():
+    loaded = load_model("synthetic_digits_cnn", predictor=True)
+    assert isinstance(loaded.predictor, FrozenPredictor) and loaded.predictor.channels_last  # the CPU default
+    assert isinstance(loaded.module.features.block1[1], nn.BatchNorm2d)  # explanations: the trained model
+    x = torch.randn(4, 3, 112, 112)
+    with torch.no_grad():
+        assert _max_relative_error(loaded.predictor(x), loaded.module(x)) < 1e-4
+        other = torch.randn(2, 3, 96, 96)
+        assert _max_relative_error(loaded.predictor(other), loaded.module(other)) < 1e-4
+    assert load_model("synthetic_digits_cnn").predictor is None  # only the server asks for one
+    eager = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(predict="eager")),
+                       predictor=True)
+    assert not isinstance(eager.predictor, FrozenPredictor)
+    assert isinstance(eager.predictor.features.block1[1], nn.Identity)  # the prepared eager copy
+
+
+class BakedBatch(nn.Module):
+    """A trace records ``int(x.shape[0])`` as a constant: its frozen copy only takes the traced batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).reshape(int(x.shape[0]), -1)[:, :10]
+
+
+def test_a_frozen_copy_that_does_not_agree_with_the_eager_model_is_not_used():
+    model = BakedBatch().eval().requires_grad_(False)
+    assert frozen_predictor(model, torch.randn(1, 3, 8, 8)) is None
+    assert frozen_predictor(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval(), torch.randn(1, 3, 8, 8)) \
+        is not None
+
+
+@pytest.fixture(scope="module")
+def unprepared_service():
+    return ExplanationService(load_model("efficientnet_lite0", prepare=False))
+
+
+@pytest.fixture(scope="module")
+def prepared_service():
+    return ExplanationService(load_model("efficientnet_lite0", predictor=True))
+
+
+def test_explanations_and_predictions_are_unchanged_by_preparation(photos, unprepared_service, prepared_service):
+    assert isinstance(prepared_service.predictor, FrozenPredictor)
+    images = [prepared_service.decode(path.read_bytes()) for path in photos.values()]
+    options = [parse_options({})] * len(images)
+    before = unprepared_service.explain(images, options, attribution_dtype=np.float32)
+    after = prepared_service.explain(images, options, attribution_dtype=np.float32)
+    for name, a, b in zip(photos, before, after):
+        assert a.document["predictions"][0]["index"] == b.document["predictions"][0]["index"], name
+        target_a, target_b = a.document["explanation"]["target"], b.document["explanation"]["target"]
+        assert target_a["index"] == target_b["index"], name
+        assert target_a["probability"] == pytest.approx(target_b["probability"], abs=1e-3), name
+        r = np.corrcoef(a.attribution.ravel(), b.attribution.ravel())[0, 1]
+        assert r >= 0.99, (name, r)
+    predicted_before = unprepared_service.predict(images, options)
+    predicted_after = prepared_service.predict(images, options)
+    for a, b in zip(predicted_before, predicted_after):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        assert [p["probability"] for p in a["predictions"]] == pytest.approx(
+            [p["probability"] for p in b["predictions"]], abs=1e-4)
