@@ -202,12 +202,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
     outputs = ["heatmap", "overlay", "pathway"] + (["attribution"] if args.save_attribution else [])
     several = "," in args.target
-    raw = {"method": args.method, "target": None if several or args.explain_top_k else args.target,
+    default_target = args.target == "auto" and args.explain_top_k is not None
+    raw = {"method": args.method, "target": None if several or default_target else args.target,
            "targets": args.target if several else None, "explain_top_k": args.explain_top_k,
            "sparsity": args.sparsity, "reduce": args.reduce, "selection": args.selection, "top_k": args.top_k,
            "outputs": outputs, **{name: getattr(args, name) for name in VISUALIZATION_OPTIONS}}
-    if args.explain_top_k and args.target not in ("auto", ""):
-        parser.error("give either --target or --explain-top-k, not both")
     raw = {k: v for k, v in raw.items() if v is not None}
     for item in args.option:
         name, sep, value = item.partition("=")

@@ -311,8 +311,10 @@ def _coerce(name: str, spec: OptionSpec, value: Any) -> Any:
     try:
         return spec.coerce(name, value)
     except InvalidOption as err:
-        err.code = "unknown_colormap" if name == "colormap" else "invalid_visualization"
-        raise
+        if name != "colormap":
+            err.code = "invalid_visualization"
+            raise
+        raise InvalidOption(f"unknown colormap {value!r}; {err}", code="unknown_colormap") from None
 
 
 @functools.lru_cache(maxsize=None)
