@@ -222,3 +222,39 @@ def test_cli_bad_targets_fail_in_one_line_before_any_work(tmp_path, photos, caps
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "coffee.json").exists()
+
+
+# -- a real TorchServe ----------------------------------------------------------------------------------
+
+
+def npy_of(output: dict) -> np.ndarray:
+    import base64
+
+    return np.load(io.BytesIO(base64.b64decode(output["data"]))).astype(np.float32)
+
+
+@pytest.mark.server
+def test_served_several_targets_equal_single_target_requests(server, coffee, measurements):
+    import base64
+
+    photo = base64.b64encode(coffee).decode()
+    route = "/explanations/efficientnet_lite0"
+    reply = server.post(route, json={"image": photo, "explain_top_k": 3, "outputs": ["attribution"]})
+    assert reply.status_code == 200, reply.text[:300]
+    document = reply.json()
+    asked = [e["target"]["index"] for e in document["explanations"]]
+    assert asked == [p["index"] for p in document["predictions"][:3]]
+    numbers = {}
+    for body, index in zip(document["explanations"], asked):
+        single = server.post(route, data=coffee, headers={"Content-Type": "application/octet-stream",
+                                                          "X-Explain-Target": str(index),
+                                                          "X-Explain-Outputs": "attribution"})
+        assert single.status_code == 200, single.text[:300]
+        numbers[index] = agreement(npy_of(body["attribution"]), npy_of(single.json()["explanation"]["attribution"]))
+        assert numbers[index]["pearson"] >= 0.99, numbers
+    measurements["several targets vs single target, TorchServe (coffee, top 3, float16 maps)"] = numbers
+    strip = server.post(route, data=coffee, headers={"Content-Type": "application/octet-stream",
+                                                     "Accept": "image/png", "X-Explain-Targets": "espresso,cup"})
+    assert strip.status_code == 200 and strip.headers["content-type"] == "image/png"
+    assert strip.headers["X-Explain-Target-Index"] == "967,968"
+    assert Image.open(io.BytesIO(strip.content)).width > 2 * Image.open(io.BytesIO(strip.content)).height
