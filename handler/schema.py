@@ -318,11 +318,6 @@ def several_targets_document(documents: Sequence[dict]) -> dict:
     return {key: combined[key] for key in order}
 
 
-def explanation_bodies(document: dict) -> list:
-    """The explanation bodies of a document: its ``explanation``, or each of its ``explanations``."""
-    return [document["explanation"]] if "explanation" in document else list(document["explanations"])
-
-
 def inline_outputs(body: dict, artifacts: Mapping[str, bytes]) -> dict:
     """Server form: each binary output base64-encoded inside an explanation body (a new dict)."""
     body = dict(body)
