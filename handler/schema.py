@@ -283,7 +283,8 @@ def prediction_document(model: str, probabilities: np.ndarray, labels, top_k: in
 
 
 def explanation_document(model: str, explanation, labels, options: RequestOptions, preprocessing: dict) -> dict:
-    """The JSON document for one explanation, without the binary outputs (see :func:`inline_outputs`, :func:`path_outputs`)."""
+    """The JSON document for one explanation, without the binary outputs (see :func:`inline_outputs` and
+    :func:`path_outputs`)."""
     target = {
         "index": explanation.target,
         "label": explanation.target_label,

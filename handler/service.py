@@ -245,8 +245,8 @@ class ExplanationService:
             targets = sum(v.explanations for v in validated)
             raise InvalidOption(
                 f"this request costs about {passes} forward/backward passes ({len(validated)} image(s), "
-                f"{targets} target(s)); this "
-                f"server allows {limit} per request: send fewer images or targets per request, or fewer steps, samples, "
+                f"{targets} target(s)); this server allows {limit} per request: send fewer images or targets "
+                "per request, or fewer steps, samples, "
                 "iterations or copies", code="over_limit")
 
     def _check_caps(self, request: ValidRequest) -> None:
