@@ -7,18 +7,22 @@ before any work, 3 for an unexpected internal error. Every failure is one line
 on stderr (``PATHWAY_DEBUG=1`` adds the traceback of an internal error).
 
 Each image's outputs are ``STEM.json``, ``STEM.heatmap.png``, ``STEM.overlay.png``
-and, with ``--save-attribution``, ``STEM.attribution.npy``. Each document carries a
-``provenance`` record; ``--verify DOC.json IMAGE`` recomputes the explanation it
-describes and exits 0 with one line when it matches, 1 with one line saying
-what differs when it does not (2: the document cannot be read). A run first removes
-these files of every stem it is given, so ``--out`` never holds a file from an
-earlier run beside the new ones (an image that fails leaves none).
+and, with ``--save-attribution``, ``STEM.attribution.npy``. With several targets
+(``--target A,B,...`` or ``--explain-top-k K``) the PNGs and the array are per
+target, ``STEM.<class index>.heatmap.png`` and so on, beside one ``STEM.json``
+whose ``explanations`` list names them. Each document carries a ``provenance``
+record; ``--verify DOC.json IMAGE`` recomputes the explanation it describes and
+exits 0 with one line when it matches, 1 with one line saying what differs when
+it does not (2: the document cannot be read). A run first removes these files of
+every stem it is given (the per-target ones too), so ``--out`` never holds a file
+from an earlier run beside the new ones (an image that fails leaves none).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,10 +32,10 @@ import numpy as np
 from .commands import parse_device, run_main
 from .engine import METHODS, REDUCTIONS, SELECTIONS
 from .errors import ExplainError, UsageError
-from .imaging import COLORMAPS, OVERLAY_TYPES, POLARITIES, VISUALIZATION_OPTIONS, VisualizationSettings
+from .imaging import COLORMAPS, OVERLAY_TYPES, POLARITIES, VISUALIZATION_OPTIONS
 from .models import ModelLoadError, builtin_names, get_spec, label_aliases, load_labels, spec_for_architecture
-from .schema import Limits, attach_paths, parse_options
-from .service import ExplanationService, request_of
+from .schema import Limits, parse_options, path_outputs
+from .service import ExplanationService
 
 PROG = "pathway-explain"
 
@@ -65,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--method", default=None, help=f"one of {', '.join(METHODS.names())} (default: pathway_gradient)")
     ex.add_argument("--sparsity", default=None, help="fraction of neurons removed from the pathway, in [0, 1) "
                                                      "(default: the model's, 0.7)")
-    ex.add_argument("--target", default="auto", help="auto (predicted class), a class index or a label name")
+    ex.add_argument("--target", default="auto",
+                    help="auto (predicted class), a class index or a label name; several, comma-separated "
+                         "(A,B,...), write per-target files STEM.<index>.*")
+    ex.add_argument("--explain-top-k", default=None, metavar="K",
+                    help="explain the K most probable classes (per-target files STEM.<index>.*, most probable "
+                         "first in STEM.json)")
     ex.add_argument("--reduce", default=None, help=f"channel reduction: {', '.join(REDUCTIONS.names())}")
     ex.add_argument("--selection", default=None, help=f"pathway selection: {', '.join(SELECTIONS.names())}")
     ex.add_argument("--top-k", default=None, help="predictions to list (default 5)")
@@ -110,9 +119,19 @@ OUTPUT_SUFFIXES = {"document": "json", "heatmap": "heatmap.png", "overlay": "ove
 
 
 def remove_stale_outputs(out: Path, stem: str) -> None:
-    """Delete what an earlier run wrote for ``stem``, so a new run's files never sit beside older ones."""
+    """Delete what an earlier run wrote for ``stem``, so a new run's files never sit beside older ones:
+    ``STEM.<suffix>`` and the per-target ``STEM.<class index>.<suffix>``."""
     for suffix in OUTPUT_SUFFIXES.values():
         (out / f"{stem}.{suffix}").unlink(missing_ok=True)
+    per_target = re.compile(re.escape(stem) + r"\.\d+\.(?:" + "|".join(
+        re.escape(suffix) for name, suffix in OUTPUT_SUFFIXES.items() if name != "document") + ")")
+    for path in out.glob(f"{glob_escape(stem)}.*"):
+        if per_target.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def list_labels(spec) -> int:
@@ -193,25 +212,26 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--out {args.out} exists and is not a directory")
 
     outputs = ["heatmap", "overlay", "pathway"] + (["attribution"] if args.save_attribution else [])
-    raw = {"method": args.method, "target": args.target, "sparsity": args.sparsity, "reduce": args.reduce,
-           "selection": args.selection, "top_k": args.top_k, "colormap": args.colormap,
-           "polarity": args.polarity, "outputs": outputs}
+    several = "," in args.target
+    default_target = args.target == "auto" and args.explain_top_k is not None
+    raw = {"method": args.method, "target": None if several or default_target else args.target,
+           "targets": args.target if several else None, "explain_top_k": args.explain_top_k,
+           "sparsity": args.sparsity, "reduce": args.reduce, "selection": args.selection, "top_k": args.top_k,
+           "outputs": outputs, **{name: getattr(args, name) for name in VISUALIZATION_OPTIONS}}
     raw = {k: v for k, v in raw.items() if v is not None}
     for item in args.option:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             parser.error(f"--option takes NAME=VALUE, not {item!r}")
-        if name.strip().replace("-", "_") in set(raw) | set(VISUALIZATION_OPTIONS):
+        if name.strip().replace("-", "_") in set(raw) | set(VISUALIZATION_OPTIONS) | {"targets", "target"}:
             parser.error(f"--option {name.strip()} has its own flag; use --{name.strip().replace('_', '-')}")
         raw[name.strip()] = value
     try:
         options = parse_options(raw, Limits())
-        visualization = VisualizationSettings.from_options({name: getattr(args, name)
-                                                            for name in VISUALIZATION_OPTIONS})
         device = parse_device(args.device)
         service = ExplanationService.from_spec(_spec(args), device=device)
-        # Validate what does not depend on the image before reading any file.
-        service.explainer.validate(request_of(options))
+        # Validate what does not depend on the image (targets included) before reading any file.
+        service.validate([raw], explain=True)
     except (ExplainError, ModelLoadError, UsageError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
@@ -248,7 +268,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         chunk = decoded[start:start + args.batch_size]
         try:
             results = service.explain([image for _, _, image in chunk], [options] * len(chunk),
-                                      attribution_dtype=np.float32, visualization=visualization)
+                                      attribution_dtype=np.float32)
         except Exception as err:  # noqa: BLE001 - one line per image, never a traceback
             results = [err] * len(chunk)
         for (path, stem, _), result in zip(chunk, results):
@@ -256,21 +276,31 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{PROG}: error: {path}: {_one_line(result)}", file=sys.stderr)
                 failures += 1
                 continue
-            written = {name: f"{stem}.{OUTPUT_SUFFIXES[name]}" for name in result.artifacts}
-            document = attach_paths(result.document, written)
+            files, bodies = {}, []
+            for part in result.targets:  # per-target names only when the document has an explanations list
+                body = part.document["explanation"]
+                prefix = f"{stem}.{body['target']['index']}" if result.parts else stem
+                written = {name: f"{prefix}.{OUTPUT_SUFFIXES[name]}" for name in part.artifacts}
+                files.update({written[name]: data for name, data in part.artifacts.items()})
+                bodies.append(path_outputs(body, written))
+            document = dict(result.document)
+            if result.parts:
+                document["explanations"] = bodies
+            else:
+                document["explanation"] = bodies[0]
             document["source"] = str(path)
             try:
-                for name, data in result.artifacts.items():
-                    (args.out / written[name]).write_bytes(data)
+                for name, data in files.items():
+                    (args.out / name).write_bytes(data)
                 (args.out / f"{stem}.{OUTPUT_SUFFIXES['document']}").write_text(json.dumps(document, indent=2) + "\n")
             except OSError as err:
                 print(f"{PROG}: error: {path}: cannot write its outputs: {err.strerror or err}", file=sys.stderr)
                 failures += 1
                 continue
             top = document["predictions"][0]
-            target = document["explanation"]["target"]
+            explained = ", ".join(body["target"]["label"] for body in bodies)
             print(f"{path}: predicted {top['label']} ({top['probability']:.3f}); explained "
-                  f"{target['label']} -> {args.out / stem}.*")
+                  f"{explained} -> {args.out / stem}.*")
     return 1 if failures else 0
 
 

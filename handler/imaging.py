@@ -287,7 +287,7 @@ class VisualizationSettings:
                 object.__setattr__(self, name, _coerce(name, spec, value))
         if self.clip_percent_lower >= self.clip_percent_upper:
             raise InvalidOption(f"clip_percent_lower ({self.clip_percent_lower:g}) must be below "
-                                f"clip_percent_upper ({self.clip_percent_upper:g})")
+                                f"clip_percent_upper ({self.clip_percent_upper:g})", code="invalid_visualization")
 
     @classmethod
     def from_options(cls, raw: Mapping[str, Any]) -> "VisualizationSettings":
@@ -319,9 +319,10 @@ def _coerce(name: str, spec: OptionSpec, value: Any) -> Any:
     try:
         return spec.coerce(name, value)
     except InvalidOption as err:
-        if name == "colormap":
-            err.code = "unknown_colormap"
-        raise
+        if name != "colormap":
+            err.code = "invalid_visualization"
+            raise
+        raise InvalidOption(f"unknown colormap {value!r}; {err}", code="unknown_colormap") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -460,6 +461,37 @@ def _spread(mask: np.ndarray, radius: int, combine) -> np.ndarray:
             combine(out[tuple(behind)], source[tuple(ahead)], out=out[tuple(behind)])
             combine(out[tuple(ahead)], source[tuple(behind)], out=out[tuple(ahead)])
     return out
+
+
+#: Height of each panel of a several-target strip (smaller photos keep their own height).
+STRIP_PANEL_HEIGHT = 448
+
+
+def render_strip(panels: Sequence[Image.Image], captions: Sequence[str]) -> Image.Image:
+    """Several overlays of one photo side by side, each under a caption bar naming its class.
+
+    What ``Accept: image/png`` returns for a request with several targets: one picture a person can
+    compare at a glance, in the order the targets were asked. Panels are scaled to a common height of
+    at most :data:`STRIP_PANEL_HEIGHT` so the strip stays a few hundred kB whatever the photo's size.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    height = min(STRIP_PANEL_HEIGHT, max(p.height for p in panels))
+    scaled = [p.resize((max(1, round(p.width * height / p.height)), height), Image.BILINEAR) for p in panels]
+    font = ImageFont.load_default(size=max(12, height // 24))
+    bar = int(font.size * 1.8)
+    gap = 4
+    strip = Image.new("RGB", (sum(p.width for p in scaled) + gap * (len(scaled) - 1), height + bar), "white")
+    draw = ImageDraw.Draw(strip)
+    x = 0
+    for panel, caption in zip(scaled, captions):
+        strip.paste(panel, (x, bar))
+        text = caption
+        while len(text) > 1 and draw.textlength(text, font=font) > panel.width - 8:
+            text = text[:-2] + "…"  # shortened from the end, keeping the ellipsis
+        draw.text((x + 4, bar // 2), text, fill="black", font=font, anchor="lm")
+        x += panel.width + gap
+    return strip
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -26,6 +26,10 @@ Response (``/explanations`` and ``pathway-explain``'s ``STEM.json``)::
                         "image_size": [w, h], "crop_box": [left, top, right, bottom]}
     }
 
+With several targets (``targets`` or ``explain_top_k``) the document carries ``"explanations"``, a list
+of bodies shaped like ``"explanation"`` above, in the order the targets were asked (``explain_top_k``:
+most probable first), instead of ``"explanation"``; one target keeps the shape above.
+
 ``/predictions`` answers ``{"model", "predictions"}``.
 """
 
@@ -40,12 +44,14 @@ import numpy as np
 
 from .engine import METHODS, SELECTIONS, check_sparsity
 from .errors import InvalidOption
-from .imaging import COLORMAPS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, POLARITIES, ImageLimits
+from .imaging import (DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, VISUALIZATION_OPTIONS, ImageLimits,
+                      VisualizationSettings)
 
 OUTPUTS = ("heatmap", "overlay", "attribution", "pathway")
 DEFAULT_OUTPUTS = ("heatmap", "pathway")
 MEDIA_TYPES = {"heatmap": "image/png", "overlay": "image/png", "attribution": "application/x-npy"}
-OPTION_NAMES = ("method", "target", "top_k", "sparsity", "reduce", "outputs", "colormap", "polarity", "selection")
+OPTION_NAMES = ("method", "target", "targets", "explain_top_k", "top_k", "sparsity", "reduce", "outputs",
+                "selection") + tuple(VISUALIZATION_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -59,12 +65,14 @@ class Limits:
     min_image_side: int = DEFAULT_MIN_SIDE
     image_formats: tuple = DEFAULT_FORMATS
     default_outputs: tuple = DEFAULT_OUTPUTS
-    default_colormap: str = "inferno"
+    default_colormap: Optional[str] = None  # None: inferno, or pink_green with polarity both
     max_overlay_pixels: int = 12_000_000  # larger photos get an overlay scaled down to this many pixels
     method_caps: dict = field(default_factory=dict)  # e.g. {"steps": 64}: maxima of numeric method options
     #: Forward + backward passes one request may cost, summed over its images (None: no limit). With
     #: ``method_caps`` alone, 16 KServe instances at 128 integrated-gradient steps would buy 2,000 passes.
     max_passes_per_request: Optional[int] = None
+    #: Classes one image may ask to explain (``targets`` or ``explain_top_k``); each costs a full explanation.
+    max_targets_per_request: int = 10
 
     @classmethod
     def from_config(cls, config: Optional[Mapping[str, Any]]) -> "Limits":
@@ -87,14 +95,22 @@ class Limits:
 class RequestOptions:
     method: Optional[str] = None
     target: Any = None
+    #: Several classes to explain (indices or labels, in the order asked); empty: ``target`` alone.
+    targets: tuple = ()
+    #: Explain the K most probable classes (None: not asked).
+    explain_top_k: Optional[int] = None
     top_k: int = 5
     sparsity: Optional[float] = None
     reduce: Optional[str] = None
     outputs: tuple = DEFAULT_OUTPUTS
-    colormap: str = "inferno"
-    polarity: str = "absolute"
+    visualization: VisualizationSettings = VisualizationSettings()
     selection: Optional[str] = None
     method_options: tuple = ()  # (name, raw value) pairs; typed and checked against the chosen method later
+
+    @property
+    def several_targets(self) -> bool:
+        """The request asked for a list of explanations (``targets`` or ``explain_top_k``), even of one."""
+        return bool(self.targets) or self.explain_top_k is not None
 
 
 def declared_option_names() -> set:
@@ -193,17 +209,27 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
         if o not in OUTPUTS:
             raise InvalidOption(f"unknown output {o!r}; outputs are: {', '.join(OUTPUTS)}", code="unknown_output")
 
-    colormap = values.get("colormap", limits.default_colormap)
-    if colormap not in COLORMAPS:
-        raise InvalidOption(f"unknown colormap {colormap!r}; choose one of: {', '.join(COLORMAPS)}",
-                            code="unknown_colormap")
-    polarity = values.get("polarity", "absolute")
-    if polarity not in POLARITIES:
-        raise InvalidOption(f"unknown polarity {polarity!r}; choose one of: {', '.join(POLARITIES)}")
+    visualization = VisualizationSettings.from_options(
+        {"colormap": limits.default_colormap,
+         **{name: values[name] for name in VISUALIZATION_OPTIONS if name in values}})
 
     target = values.get("target")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (str, int, float))):
         raise InvalidOption(f"target must be a class index or a label name, not {target!r}", code="invalid_target")
+    targets = _targets(values.get("targets"), limits)
+    explain_top_k = values.get("explain_top_k")
+    if explain_top_k is not None:
+        explain_top_k = _integer("explain_top_k", explain_top_k)
+        if explain_top_k < 1:
+            raise InvalidOption(f"explain_top_k must be at least 1, got {explain_top_k}")
+        if explain_top_k > limits.max_targets_per_request:
+            raise InvalidOption(f"explain_top_k = {explain_top_k} asks for more classes than this server explains "
+                                f"per image ({limits.max_targets_per_request})", code="too_many_targets")
+    given = [name for name, value in (("target", target), ("targets", targets), ("explain_top_k", explain_top_k))
+             if value not in (None, ())]
+    if len(given) > 1:
+        raise InvalidOption(f"give one of target, targets and explain_top_k, not {' and '.join(given)}",
+                            code="conflicting_targets")
 
     for name in ("reduce", "selection"):
         if name in values and not isinstance(values[name], str):
@@ -211,8 +237,32 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
 
     return RequestOptions(
         method=method, target=target, top_k=top_k, sparsity=sparsity, reduce=values.get("reduce"),
-        outputs=tuple(dict.fromkeys(outputs)), colormap=colormap, polarity=polarity,
-        selection=values.get("selection"), method_options=tuple(sorted(method_options.items())))
+        outputs=tuple(dict.fromkeys(outputs)), visualization=visualization, targets=targets,
+        explain_top_k=explain_top_k, selection=values.get("selection"),
+        method_options=tuple(sorted(method_options.items())))
+
+
+def _targets(value: Any, limits: Limits) -> tuple:
+    """``targets`` as a tuple of indices or labels: a JSON list, or comma-separated text (multipart, headers,
+    the CLI). Duplicates and unknown labels are found once the model resolves them (the service)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+        if any(not part for part in value):
+            raise InvalidOption("targets must be class indices or labels separated by commas, with none empty",
+                                code="invalid_target")
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InvalidOption(f"targets must be a non-empty list of class indices or labels, not {value!r}",
+                            code="invalid_target")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise InvalidOption(f"each of targets must be a class index or a label name, not {item!r}",
+                                code="invalid_target")
+    if len(value) > limits.max_targets_per_request:
+        raise InvalidOption(f"{len(value)} targets for one image; this server explains at most "
+                            f"{limits.max_targets_per_request} per image", code="too_many_targets")
+    return tuple(value)
 
 
 # ---------------------------------------------------------------------------
@@ -233,7 +283,8 @@ def prediction_document(model: str, probabilities: np.ndarray, labels, top_k: in
 
 
 def explanation_document(model: str, explanation, labels, options: RequestOptions, preprocessing: dict) -> dict:
-    """The JSON document for one explanation, without the binary outputs (see :func:`attach_inline`)."""
+    """The JSON document for one explanation, without the binary outputs (see :func:`inline_outputs` and
+    :func:`path_outputs`)."""
     target = {
         "index": explanation.target,
         "label": explanation.target_label,
@@ -258,16 +309,28 @@ def explanation_document(model: str, explanation, labels, options: RequestOption
     }
 
 
-def attach_inline(document: dict, artifacts: Mapping[str, bytes]) -> dict:
-    """Server form: each binary output base64-encoded inside the document."""
+def several_targets_document(documents: Sequence[dict]) -> dict:
+    """One image's document for several targets: the single-target documents' bodies as ``explanations``."""
+    first = documents[0]
+    combined = {key: value for key, value in first.items() if key != "explanation"}
+    combined["explanations"] = [d["explanation"] for d in documents]
+    # keep the single document's key order: explanations where explanation was
+    order = [("explanations" if key == "explanation" else key) for key in first]
+    return {key: combined[key] for key in order}
+
+
+def inline_outputs(body: dict, artifacts: Mapping[str, bytes]) -> dict:
+    """Server form: each binary output base64-encoded inside an explanation body (a new dict)."""
+    body = dict(body)
     for name, data in artifacts.items():
-        document["explanation"][name] = {
-            "media_type": MEDIA_TYPES[name], "encoding": "base64", "data": base64.b64encode(data).decode("ascii")}
-    return document
+        body[name] = {"media_type": MEDIA_TYPES[name], "encoding": "base64",
+                      "data": base64.b64encode(data).decode("ascii")}
+    return body
 
 
-def attach_paths(document: dict, paths: Mapping[str, str]) -> dict:
-    """CLI form: each binary output written to a file beside the document."""
+def path_outputs(body: dict, paths: Mapping[str, str]) -> dict:
+    """CLI form: each binary output written to a file beside the document (a new dict)."""
+    body = dict(body)
     for name, path in paths.items():
-        document["explanation"][name] = {"media_type": MEDIA_TYPES[name], "path": path}
-    return document
+        body[name] = {"media_type": MEDIA_TYPES[name], "path": path}
+    return body

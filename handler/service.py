@@ -14,10 +14,16 @@ CLI does the same with files. One request's way through:
    is isolated: when a group fails, each job is retried alone, so only the job
    that cannot be served gets an error;
 3. each result is a prediction document or an :class:`ExplainResult`.
+
+Several targets per image (``targets``, ``explain_top_k``) are expanded here, never in a loop of passes:
+the image's row is repeated once per target in the one batch given to
+:meth:`Explainer.explain_requests <handler.engine.Explainer.explain_requests>`, beside the other
+requests' rows, and the explanations are packaged back into one document per image.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -28,13 +34,14 @@ import torch
 from PIL import Image
 
 from .engine import BatchSplit, ExplainRequest, ValidRequest, is_out_of_memory, release_cached_memory
-from .errors import ExplainError, InternalError, InvalidOption, OutOfMemory
-from .imaging import (IMAGE_SHA256, Preprocessor, VisualizationSettings, decode_image, npy_bytes, open_image,
-                      png_bytes, render_heatmap, render_overlay)
+from .errors import ExplainError, InternalError, InvalidOption, InvalidTarget, OutOfMemory
+from .imaging import (IMAGE_SHA256, Preprocessor, decode_image, npy_bytes, open_image, png_bytes, render_heatmap,
+                      render_overlay, render_strip)
 from .models import LoadedModel, ModelSpec, explainer_for, load_model
 from .provenance import (Verification, attribution_sha256, device_kind, package_version, raw_options,
                          resolved_options, sha256_hex, source_revision)
-from .schema import Limits, RequestOptions, attach_inline, explanation_document, parse_options, prediction_document
+from .schema import (Limits, RequestOptions, explanation_document, inline_outputs, parse_options,
+                     prediction_document, several_targets_document)
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +77,15 @@ class ServiceObserver:
 class Validated:
     """One image's options after the single validation step; the engine trusts ``request`` as it is."""
 
-    options: RequestOptions  # what the response documents need (top_k, outputs, colormap, ...)
+    options: RequestOptions  # what the response documents need (top_k, outputs, visualization, ...)
     request: ValidRequest
+    #: With ``targets``: one request per class asked, in order (resolved, no two the same); else empty.
+    targets: tuple = ()
+
+    @property
+    def explanations(self) -> int:
+        """How many explanations the image costs: one per target."""
+        return len(self.targets) or self.options.explain_top_k or 1
 
 
 @dataclass
@@ -91,14 +105,46 @@ class Job:
 
 @dataclass
 class ExplainResult:
+    """One image's explanation; with several targets, ``parts`` holds one single-target result per target
+    (in the order of the document's ``explanations``) and the fields below describe the first."""
+
     document: dict  # the response document, without binary outputs
     artifacts: dict = field(default_factory=dict)  # output name -> bytes (PNG / .npy)
     attribution: Optional[np.ndarray] = None  # [H, W] float32, signed, max |·| = 1
     realised_sparsity: Optional[float] = None  # of the pathway followed (also when the summary is not returned)
+    parts: list = field(default_factory=list)
+
+    @classmethod
+    def several(cls, parts: Sequence["ExplainResult"]) -> "ExplainResult":
+        first = parts[0]
+        document = several_targets_document([p.document for p in parts])
+        if "provenance" in document:  # one record for the image; the attribution digest of each target, in order
+            document["provenance"] = dict(document["provenance"], attribution_sha256=[
+                p.document["provenance"]["attribution_sha256"] for p in parts])
+        return cls(document, first.artifacts, first.attribution, first.realised_sparsity, list(parts))
+
+    @property
+    def targets(self) -> list:
+        """The single-target results: ``parts``, or this result itself."""
+        return self.parts or [self]
+
+    def overlay_png(self) -> bytes:
+        """What ``Accept: image/png`` returns: the overlay, or with several targets one strip of the overlays
+        side by side in the order asked, each under a caption with its class index, label and probability."""
+        if not self.parts:
+            return self.artifacts["overlay"]
+        captions = []
+        for part in self.parts:
+            target = part.document["explanation"]["target"]
+            captions.append(f"{target['index']} {target['label']} ({target['probability']:.3f})")
+        return png_bytes(render_strip([Image.open(io.BytesIO(p.artifacts["overlay"])) for p in self.parts], captions))
 
     def inline(self) -> dict:
         """The document with its binary outputs base64-encoded, as the server returns it."""
-        return attach_inline(dict(self.document, explanation=dict(self.document["explanation"])), self.artifacts)
+        if not self.parts:
+            return dict(self.document, explanation=inline_outputs(self.document["explanation"], self.artifacts))
+        return dict(self.document, explanations=[inline_outputs(body, p.artifacts) for body, p in
+                                                 zip(self.document["explanations"], self.parts)])
 
 
 class ExplanationService:
@@ -150,12 +196,32 @@ class ExplanationService:
         if extra_outputs:
             parsed = [replace(o, outputs=o.outputs + tuple(x for x in extra_outputs if x not in o.outputs))
                       for o in parsed]
-        requests = [self.explainer.validate(request_of(o)) for o in parsed]
+        validated = [self._validate_one(o) for o in parsed]
         if explain:
-            self._check_budget(requests)
-        for request in requests:
-            self._check_caps(request)
-        return [Validated(o, r) for o, r in zip(parsed, requests)]
+            self._check_budget(validated)
+        return validated
+
+    def _validate_one(self, options: RequestOptions) -> Validated:
+        """The model's rules and the operator's caps for one image's options, its targets resolved."""
+        request = self.explainer.validate(request_of(options))
+        self._check_caps(request)
+        targets = []
+        for target in options.targets:
+            index = self.explainer.resolve_target(target)
+            if index < 0:
+                raise InvalidTarget(f"targets must name classes, not {target!r} (use explain_top_k for the most "
+                                    "probable ones)")
+            for earlier in targets:
+                if earlier.class_index == index:
+                    raise InvalidTarget(f"targets {earlier.target!r} and {target!r} both name class {index} "
+                                        f"({self.explainer.label(index)!r}); name each class once",
+                                        code="duplicate_target")
+            targets.append(replace(request, target=target, class_index=index))
+        if options.explain_top_k is not None and self.explainer.num_classes is not None \
+                and options.explain_top_k > self.explainer.num_classes:
+            raise InvalidOption(f"explain_top_k = {options.explain_top_k}, but this model has only "
+                                f"{self.explainer.num_classes} classes", code="too_many_targets")
+        return Validated(options, request, tuple(targets))
 
     def prepare(self, images: Sequence[bytes], raw: Sequence[Mapping], *, explain: bool,
                 extra_outputs: tuple = ()) -> Job:
@@ -178,19 +244,24 @@ class ExplanationService:
         return BASE_PASSES + sum(spec.passes * int(given.get(name, spec.default))
                                  for name, spec in specs.items() if spec.passes)
 
-    def _check_budget(self, requests: Sequence[ValidRequest]) -> None:
+    def _check_budget(self, validated: Sequence[Validated]) -> None:
         """Refuse one request (all its images) whose explanation passes exceed ``max_passes_per_request``.
 
-        Bounds the work a batch can hold a worker for (TorchServe kills a worker past ``responseTimeout``).
+        Every target counts (an image with three targets costs three explanations), and ``explain_top_k``
+        adds the one forward that finds the classes. Bounds the work a batch can hold a worker for
+        (TorchServe kills a worker past ``responseTimeout``).
         """
         limit = self.limits.max_passes_per_request
         if limit is None:
             return
-        passes = sum(self.explanation_passes(r) for r in requests)
+        passes = sum(self.explanation_passes(v.request) * v.explanations + (v.options.explain_top_k is not None)
+                     for v in validated)
         if passes > limit:
+            targets = sum(v.explanations for v in validated)
             raise InvalidOption(
-                f"this request costs about {passes} forward/backward passes ({len(requests)} image(s)); this "
-                f"server allows {limit} per request: send fewer images per request, or fewer steps, samples, "
+                f"this request costs about {passes} forward/backward passes ({len(validated)} image(s), "
+                f"{targets} target(s)); this server allows {limit} per request: send fewer images or targets "
+                "per request, or fewer steps, samples, "
                 "iterations or copies", code="over_limit")
 
     def _check_caps(self, request: ValidRequest) -> None:
@@ -205,12 +276,10 @@ class ExplanationService:
         checked, valid = [], []
         for i, o in enumerate(options):
             try:
-                request = self.explainer.validate(request_of(o))
-                self._check_caps(request)
+                checked.append(self._validate_one(o))
             except ExplainError as err:
                 results[i] = err
                 continue
-            checked.append(Validated(o, request))
             valid.append(i)
         return results, checked, valid
 
@@ -285,16 +354,42 @@ class ExplanationService:
         with torch.inference_mode():
             return self.predictor(x.to(self.device)).float().softmax(dim=1)
 
-    def _explain(self, images: Sequence[Image.Image], options: Sequence[Validated], attribution_dtype,
-                 visualization: Optional[VisualizationSettings] = None) -> list:
+    def _explain(self, images: Sequence[Image.Image], options: Sequence[Validated], attribution_dtype) -> list:
         started = time.perf_counter()
-        explanations = self.explainer.explain_requests(self.preprocessor.batch(images), [o.request for o in options])
+        x = self.preprocessor.batch(images)
+        per_image = self._target_requests(x, options)
+        rows = [i for i, requests in enumerate(per_image) for _ in requests]
+        explanations = iter(self.explainer.explain_requests(x[rows], [r for rs in per_image for r in rs]))
         rendering = time.perf_counter()
         self.observer.stage("engine", "explain", rendering - started, len(images))
-        results = [self._render(image, o, explanation, attribution_dtype, visualization)
-                   for image, o, explanation in zip(images, options, explanations)]
+        results = []
+        for image, o, requests in zip(images, options, per_image):
+            parts = [self._render(image, o, next(explanations), attribution_dtype) for _ in requests]
+            results.append(ExplainResult.several(parts) if o.options.several_targets else parts[0])
         self.observer.stage("render", "explain", time.perf_counter() - rendering, len(images))
         return results
+
+    def _target_requests(self, x, options: Sequence[Validated]) -> list:
+        """Each image's engine requests, one per target, in the order asked.
+
+        ``explain_top_k`` needs the predicted classes before the explanation batch is formed: one forward
+        (no gradients) over just those images finds them, ordered as the document's ``predictions``. The
+        engine keeps one target per sample, so its batching, memory planning and out-of-memory splits
+        apply to targets exactly as to images.
+        """
+        ranked = [i for i, o in enumerate(options) if o.options.explain_top_k is not None]
+        top: dict = {}
+        if ranked:
+            probabilities = self.explainer.predict(x[ranked]).cpu().numpy()
+            for i, p in zip(ranked, probabilities):
+                top[i] = np.argsort(-p.astype(np.float64), kind="stable")[:options[i].options.explain_top_k]
+        per_image = []
+        for i, o in enumerate(options):
+            if i in top:
+                per_image.append([replace(o.request, target=int(c), class_index=int(c)) for c in top[i]])
+            else:
+                per_image.append(list(o.targets) or [o.request])
+        return per_image
 
     # -- one batch of images, each with its own options (CLI, notebooks, tests) ---
 
@@ -311,15 +406,11 @@ class ExplanationService:
         return results
 
     def explain(self, images: Sequence[Image.Image], options: Sequence[RequestOptions], *,
-                attribution_dtype=np.float16, visualization: Optional[VisualizationSettings] = None) -> list:
-        """One :class:`ExplainResult` per image, or the :class:`ExplainError` that image's options alone caused.
-
-        ``visualization`` draws every image's heatmap and overlay (the CLI's flags); None: each request's
-        ``colormap`` and ``polarity`` with the default settings.
-        """
+                attribution_dtype=np.float16) -> list:
+        """One :class:`ExplainResult` per image, or the :class:`ExplainError` that image's options alone caused."""
         results, checked, valid = self._checked(options)
         if valid:
-            explained = self._explain([images[i] for i in valid], checked, attribution_dtype, visualization)
+            explained = self._explain([images[i] for i in valid], checked, attribution_dtype)
             for i, result in zip(valid, explained):
                 results[i] = result
         return results
@@ -337,10 +428,9 @@ class ExplanationService:
                 raise result
         return results
 
-    def _render(self, image: Image.Image, validated: Validated, explanation, attribution_dtype,
-                visualization: Optional[VisualizationSettings] = None) -> ExplainResult:
+    def _render(self, image: Image.Image, validated: Validated, explanation, attribution_dtype) -> ExplainResult:
         options = validated.options
-        settings = visualization or VisualizationSettings(colormap=options.colormap, polarity=options.polarity)
+        settings = options.visualization
         document = explanation_document(
             self.name, explanation, self.labels, options, self.preprocessor.describe(image.size))
         artifacts = {}
@@ -390,6 +480,9 @@ class ExplanationService:
         if not isinstance(record, Mapping) or not isinstance(record.get("options"), Mapping):
             return Verification(False, "the document has no provenance record (made by an older version?)",
                                 ("document",))
+        if "explanations" in document:
+            return Verification(False, "verifying a document with several targets is not built yet; verify each "
+                                       "target's single-target document", ("document",))
         found: list = []  # (what, detail)
         if record.get("model") != self.name:
             found.append(("model", f"model: the document's is {record.get('model')!r}, this check uses {self.name!r}"))

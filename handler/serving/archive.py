@@ -72,6 +72,8 @@ DEFAULT_PATHWAY_CONFIG = {
         # of such requests inside responseTimeout (benchmarks/speed/README.md has the measurement); past it
         # TorchServe kills the worker. Scale both with the machine and the model.
         "max_passes_per_request": 1000,
+        # Classes one image may ask to explain (targets / explain_top_k); each counts in the pass budget too.
+        "max_targets_per_request": 10,
     },
 }
 REQUIREMENTS = ["torch", "torchvision", "timm", "numpy", "pillow"]

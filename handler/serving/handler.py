@@ -167,13 +167,16 @@ class PathwayHandler:
             context.set_response_content_type(index, responses.JSON)
             return json.dumps(responses.error_body(plan.error))
         if plan.request.wants_png:
-            result = plan.job.results[0]
-            target = result.document["explanation"]["target"]
+            # several targets: one strip of labelled overlays, and each header a comma-separated list in order
+            parts = plan.job.results[0].targets
+            targets = [p.document["explanation"]["target"] for p in parts]
             context.set_response_content_type(index, "image/png")
-            context.set_response_header(index, "X-Explain-Target-Index", str(target["index"]))
-            context.set_response_header(index, "X-Explain-Target-Label", _ascii(target["label"]))
-            context.set_response_header(index, "X-Explain-Target-Probability", f"{target['probability']:.6f}")
-            return result.artifacts["overlay"]
+            context.set_response_header(index, "X-Explain-Target-Index", ",".join(str(t["index"]) for t in targets))
+            context.set_response_header(index, "X-Explain-Target-Label",
+                                        ",".join(_ascii(t["label"]).replace(",", " ") for t in targets))
+            context.set_response_header(index, "X-Explain-Target-Probability",
+                                        ",".join(f"{t['probability']:.6f}" for t in targets))
+            return plan.job.results[0].overlay_png()
         context.set_response_content_type(index, responses.JSON)
         request_id = (plan.request.request_id or context.get_request_id(index)) \
             if plan.request.protocol is Protocol.KSERVE_V2 else None
@@ -200,7 +203,7 @@ class PathwayHandler:
             return
         if plan.job.explain:
             seconds = time.perf_counter() - started
-            for result in plan.job.results:
+            for result in (part for r in plan.job.results for part in r.targets):
                 method = result.document["explanation"]["method"]
                 self.metrics.explain_latency(method, seconds)
                 if result.realised_sparsity is not None:

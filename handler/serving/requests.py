@@ -36,6 +36,8 @@ from ..errors import BadRequest, ExplainError, InvalidImage, InvalidOption, Unsu
 IMAGE_FIELDS = ("image", "data", "file", "b64", "bytes")
 logger = logging.getLogger(__name__)
 HEADER_PREFIX = "x-explain-"
+#: KServe v2 option tensors that may carry one row per image (shape [images, K]) instead of one value for all.
+PER_IMAGE_TENSORS = ("targets",)
 
 
 class Protocol(str, Enum):
@@ -187,6 +189,7 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
     shared = dict(from_headers)
     shared.update(_parameters(body.get("parameters")))
     images = None
+    rows = {}  # option tensors of shape [images, K]: one row per image (several targets per instance)
     for tensor in inputs:
         if not isinstance(tensor, dict) or "data" not in tensor:
             raise BadRequest("each of 'inputs' must be an object with 'name', 'datatype', 'shape' and 'data'")
@@ -198,6 +201,8 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
                                                                      or name.startswith("input")):
             images = data
             shared.update(_parameters(tensor.get("parameters")))
+        elif name in PER_IMAGE_TENSORS and isinstance(tensor.get("shape"), list) and len(tensor["shape"]) == 2:
+            rows[name] = (tensor["shape"], data)
         elif data:
             shared[name] = data[0] if len(data) == 1 else data
     if images is None:
@@ -206,7 +211,15 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
     if not images:
         raise BadRequest("the image tensor has no data")
     _check_count(len(images), max_instances)
-    request.instances = [Instance(decode_base64(item, f"inputs.image[{i}]"), dict(shared))
+    per_image = [{} for _ in images]
+    for name, (shape, data) in rows.items():
+        count, width = shape
+        if count != len(images) or not isinstance(width, int) or len(data) != count * width:
+            raise BadRequest(f"input {name!r} of shape {shape} with {len(data)} values: give one row per image, "
+                             f"shape [{len(images)}, K] with {len(images)} x K values")
+        for i in range(count):
+            per_image[i][name] = data[i * width:(i + 1) * width]
+    request.instances = [Instance(decode_base64(item, f"inputs.image[{i}]"), {**shared, **per_image[i]})
                          for i, item in enumerate(images)]
 
 

@@ -351,3 +351,78 @@ def test_envelope_without_instances_is_a_400(served):
     ctx = context([{"explain": "True"}])
     out = handler_module.PathwayHandler.handle(h, [], ctx)
     assert ctx.status == {0: 400} and out[0]["type"] == "missing_image"
+
+
+# -- visualisation settings and several targets through every transport (in process) --------------------
+
+OPTION_CASE_TYPES = {"invalid_visualization", "unknown_colormap", "duplicate_target", "unknown_label",
+                     "too_many_targets", "conflicting_targets", "invalid_target", "invalid_option"}
+
+
+def torchserve_row(request: dict) -> tuple:
+    """``(row, headers)`` as TorchServe hands the handler what ``requests.post(**request)`` sends."""
+    headers = {"explain": "True", **request.get("headers", {})}
+    if "json" in request:
+        return {"body": request["json"]}, {**headers, "content-type": "application/json"}
+    if "files" in request:
+        return {name: bytearray(value[1].encode() if isinstance(value[1], str) else value[1])
+                for name, value in request["files"].items()}, headers
+    return {"body": bytearray(request["data"])}, headers
+
+
+def test_every_bad_option_of_the_corpus_gets_its_4xx_and_type_in_every_transport(served, coffee):
+    """The corpus' cases for the visualisation settings and several targets (JSON, multipart, headers, KServe
+    v1 and v2), all in one batch with a good request that is still answered."""
+    from bad_inputs import corpus
+
+    h, context, cache = served
+    cases = [c for c in corpus(coffee, 1 << 30) if c[3] in OPTION_CASE_TYPES and c[2] == 400
+             and ("json" in c[1] or "files" in c[1] or "data" in c[1])]
+    transports = {("json" if "json" in c[1] else "files" if "files" in c[1] else "data") for c in cases}
+    assert transports == {"json", "files", "data"} and len(cases) >= 15
+    rows = [torchserve_row(request) for _, request, _, _ in cases]
+    rows.append(({"body": bytearray(coffee)}, {}))
+    ctx = context([headers for _, headers in rows])
+    out = h.handle([row for row, _ in rows], ctx)
+    for i, (name, _, status, error_type) in enumerate(cases):
+        body = json.loads(out[i])
+        assert (ctx.status.get(i), body["type"]) == (status, error_type), f"{name}: {body}"
+    assert json.loads(out[-1])["predictions"][0]["label"] == "espresso"
+
+
+def test_kserve_carries_targets_per_instance(served, coffee):
+    """v1: a list per instance; v2: a [images, K] tensor, row i for image i."""
+    h, context, cache = served
+    photo = base64.b64encode(coffee).decode()
+    v1 = {"instances": [{"image": {"b64": photo}, "targets": [967, "cup"]}, {"image": {"b64": photo}}],
+          "parameters": {"method": "gradient"}}
+    v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [photo, photo]},
+                     {"name": "targets", "datatype": "BYTES", "shape": [2, 2], "data": ["cup", "967", "925", "cup"]}],
+          "parameters": {"method": "gradient"}}
+    bad_v2 = {"inputs": [v2["inputs"][0], {"name": "targets", "datatype": "INT64", "shape": [3, 1],
+                                           "data": [1, 2, 3]}]}
+    json_headers = {"content-type": "application/json", "explain": "True"}
+    ctx = context([json_headers] * 3)
+    out = h.handle([{"body": v1}, {"body": v2}, {"body": bad_v2}], ctx)
+    first, second = json.loads(out[0])["explanations"]
+    assert [e["target"]["index"] for e in first["explanations"]] == [967, 968]
+    assert second["explanation"]["target"]["index"] == 967  # the other instance: the predicted class
+    outputs = {o["name"]: o["data"] for o in json.loads(out[1])["outputs"]}
+    documents = [json.loads(d) for d in outputs["explanations"]]
+    assert [[e["target"]["index"] for e in d["explanations"]] for d in documents] == [[968, 967], [925, 968]]
+    assert ctx.status == {2: 400} and "one row per image" in json.loads(out[2])["message"]
+
+
+def test_png_with_several_targets_answers_a_strip_with_list_headers(served, coffee):
+    from PIL import Image
+    import io
+
+    h, context, cache = served
+    ctx = context([{"explain": "True", "accept": "image/png", "X-Explain-Targets": "cup,espresso",
+                    "X-Explain-Method": "gradient"}])
+    [png] = h.handle([{"body": bytearray(coffee)}], ctx)
+    assert ctx.content_type[0] == "image/png"
+    assert ctx.response_headers[0]["X-Explain-Target-Index"] == "968,967"
+    assert ctx.response_headers[0]["X-Explain-Target-Label"] == "cup,espresso"
+    strip = Image.open(io.BytesIO(png))
+    assert strip.width > 2 * strip.height
