@@ -90,7 +90,10 @@ def device_kind(device: torch.device) -> str:
 def resolved_options(options, request, specs: dict) -> dict:
     """The request as the one validation step resolved it: every option of ``RequestOptions`` with the
     engine's defaults filled in (method, sparsity, reduction, selection, each declared method option)."""
-    record = {f.name: _plain(getattr(options, f.name)) for f in fields(options) if f.name != "method_options"}
+    record = {f.name: _plain(getattr(options, f.name)) for f in fields(options)
+              if f.name not in ("method_options", "visualization")}
+    # the visualisation settings under the request option names that set them (``visualization`` is one)
+    record.update({f.name: getattr(options.visualization, f.name) for f in fields(options.visualization)})
     record.update(method=request.method, sparsity=request.sparsity, reduce=request.reduce,
                   selection=request.selection)
     given = dict(request.options)
@@ -100,7 +103,8 @@ def resolved_options(options, request, specs: dict) -> dict:
 
 def raw_options(record: dict) -> dict:
     """The fields :func:`~handler.schema.parse_options` takes back from :func:`resolved_options`'s record."""
-    raw = {k: v for k, v in record.items() if k != "method_options"}
+    # unset options (None, an empty ``targets``) are left out: the parser fills in the same defaults
+    raw = {k: v for k, v in record.items() if k != "method_options" and v is not None and v != []}
     raw.update(record.get("method_options") or {})
     return raw
 

@@ -142,3 +142,13 @@ def test_cli_verify_refuses_tampered_weights(lite0_service, coffee, photos, tmp_
                     "--model", str(tmp_path / "tampered.json")]) == 1
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "differs (weights" in message
+
+
+def test_verify_accepts_a_document_made_with_visualisation_settings(lite0_service, coffee):
+    """The record holds every resolved option, visualisation settings included, in a form the parser takes back."""
+    [result] = lite0_service.explain_images([coffee], polarity="both", clip_percent_upper=99.0, smooth=0)
+    document = json.loads(json.dumps(result.inline()))
+    options = document["provenance"]["options"]
+    assert options["polarity"] == "both" and options["clip_percent_upper"] == 99.0 and options["smooth"] == 0
+    verified = lite0_service.verify(document, coffee)
+    assert verified.ok, verified.message
