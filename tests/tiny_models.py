@@ -91,3 +91,16 @@ class FlattenHeadCNN(nn.Module):
         x = self.relu(self.conv1(x))
         x = self.relu(self.conv2(x))
         return self.fc(x.flatten(1))
+
+
+class BatchSizeSpy(nn.Module):
+    """Wraps a model and records the batch size of every forward (``batch_sizes``): how a method chunks its passes."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.batch_sizes: list = []
+
+    def forward(self, x):
+        self.batch_sizes.append(x.shape[0])
+        return self.inner(x)

@@ -10,7 +10,7 @@ from torch import nn
 from handler.engine import METHODS, SELECTIONS, Explainer, InputNormalisation
 from handler.engine.baselines import gaussian_blur, integration_rule
 from handler.errors import InvalidOption
-from tiny_models import MixedActivationCNN, kaiming_resnet18
+from tiny_models import BatchSizeSpy, MixedActivationCNN, kaiming_resnet18
 
 BASELINE_METHODS = ["input_x_gradient", "integrated_gradients", "smoothgrad", "grad_cam", "guided_backprop"]
 FAST_OPTIONS = {"integrated_gradients": {"steps": 8, "chunk_size": 5}, "smoothgrad": {"samples": 4, "chunk_size": 3}}
@@ -119,18 +119,9 @@ def test_integrated_gradients_does_not_depend_on_the_chunk_size(small_cnn, input
 
 
 def test_integrated_gradients_never_runs_more_than_a_chunk_of_path_points_at_once(small_cnn, inputs):
-    seen = []
-
-    class Spy(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            seen.append(x.shape[0])
-            return self.inner(x)
-
-    METHODS.get("integrated_gradients")(Spy(small_cnn), inputs, torch.tensor([-1, -1, -1]), steps=10, chunk_size=4)
+    spy = BatchSizeSpy(small_cnn)
+    seen = spy.batch_sizes
+    METHODS.get("integrated_gradients")(spy, inputs, torch.tensor([-1, -1, -1]), steps=10, chunk_size=4)
     assert seen[0] == 3  # the clean forward for the logits and the targets
     assert max(seen[1:]) == 4 and sum(seen[1:]) == 30
 

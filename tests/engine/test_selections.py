@@ -11,7 +11,7 @@ from handler.engine import SELECTIONS, Explainer, instrument
 from handler.engine.selections import OVERLAP_TOP_CHANNELS
 from handler.engine.sites import survey_sites
 from handler.evaluation.pathway_overlap import alive_neurons
-from tiny_models import TwoReluCNN, kaiming_resnet18
+from tiny_models import BatchSizeSpy, TwoReluCNN, kaiming_resnet18
 
 FAST = {
     "contribution": {},
@@ -251,18 +251,8 @@ def test_resampling_is_seeded_chunk_independent_and_batch_independent(small_cnn,
 
 
 def test_resampling_never_forwards_more_than_a_chunk(small_cnn, inputs):
-    seen = []
-
-    class Spy(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            seen.append(x.shape[0])
-            return self.inner(x)
-
-    spy = Spy(small_cnn)
+    spy = BatchSizeSpy(small_cnn)
+    seen = spy.batch_sizes
     survey_sites(spy, inputs)  # once per model and input shape (one sample, then two), before any chunk
     assert seen == [1, 2]
     seen.clear()
