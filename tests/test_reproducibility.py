@@ -152,3 +152,18 @@ def test_verify_accepts_a_document_made_with_visualisation_settings(lite0_servic
     assert options["polarity"] == "both" and options["clip_percent_upper"] == 99.0 and options["smooth"] == 0
     verified = lite0_service.verify(document, coffee)
     assert verified.ok, verified.message
+
+
+def test_random_weights_are_identified_by_their_state_dict_including_zero_dim_buffers():
+    """A spec without a weights file is hashed from its state dict; BatchNorm's step counter is a 0-d tensor."""
+    from torch import nn
+
+    from handler.provenance import state_dict_sha256
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    same = state_dict_sha256(model)
+    assert same == state_dict_sha256(model) and len(same) == 64
+    with torch.no_grad():
+        model[1].num_batches_tracked += 1
+    assert state_dict_sha256(model) != same
