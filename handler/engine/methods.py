@@ -43,9 +43,6 @@ class Method:
         return self.fn(model, x, targets, **options)
 
 
-PATHWAY_ZERO_NOTE = ("the attribution is zero: the target logit does not depend on the input along this path "
-                     "(at high sparsity a pathway can lose the target)")
-
 METHODS: Registry = Registry("explanation method", "unknown_method")
 
 
@@ -61,13 +58,12 @@ def register_method(
 
     ``uses_normalisation``: the method needs to know what the input looks like in
     pixel space (a black baseline) and accepts ``normalisation=InputNormalisation``.
-    ``zero_note``: what a map that is zero everywhere means for this method (default: said for pathway
-    methods and for the others in general).
+    ``zero_note``: what a map that is zero everywhere means for this method (default: said in general). A
+    pathway method's zero map is explained from its pathway instead (:func:`~.pathways.pathway_zero_note`).
     """
     if zero_note is None:
-        zero_note = PATHWAY_ZERO_NOTE if uses_pathway else (
-            f"the attribution is zero everywhere: {name} finds no input evidence for the target "
-            "(Grad-CAM is zero where every position of its layer weighs against it)")
+        zero_note = (f"the attribution is zero everywhere: {name} finds no input evidence for the target "
+                     "(Grad-CAM is zero where every position of its layer weighs against it)")
 
     def decorate(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
