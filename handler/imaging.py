@@ -339,7 +339,11 @@ def colormap_lut(name: str) -> np.ndarray:
 
 
 def gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
-    """A Gaussian blur of a 2-D map (a new array), normalised at the borders so edges keep their level."""
+    """A Gaussian blur of a 2-D map (a new array), normalised at the borders so edges keep their level.
+
+    The two matrix products run in torch, on the engine's thread pool: NumPy's OpenBLAS keeps its own
+    threads spinning after a product, and on a worker with as many torch threads as cores they took the
+    cores from the next explanation (it ran at half speed: benchmarks/speed/README.md)."""
     values = np.asarray(values, dtype=np.float32)
     if sigma <= 0:
         return values.copy()
@@ -350,7 +354,8 @@ def gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
         weights[np.abs(idx[:, None] - idx[None, :]) > math.ceil(4 * sigma)] = 0
         return weights / weights.sum(1, keepdims=True)
 
-    return blur_matrix(values.shape[0]) @ values @ blur_matrix(values.shape[1]).T
+    rows, columns = (torch.from_numpy(blur_matrix(n)) for n in values.shape)
+    return (rows @ torch.from_numpy(values) @ columns.T).numpy()
 
 
 def display_values(attribution: np.ndarray, settings: "VisualizationSettings" = VisualizationSettings()) -> np.ndarray:

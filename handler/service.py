@@ -23,6 +23,7 @@ requests' rows, and the explanations are packaged back into one document per ima
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import time
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .engine import BatchSplit, ExplainRequest, ValidRequest, is_out_of_memory, release_cached_memory
+from .engine import BatchSplit, ExplainRequest, ValidRequest, is_out_of_memory, release_cached_memory, \
+    resolve_pass_batch
 from .errors import ExplainError, InternalError, InvalidOption, InvalidTarget, OutOfMemory
 from .imaging import (IMAGE_SHA256, Preprocessor, decode_image, npy_bytes, open_image, png_bytes, render_heatmap,
                       render_overlay, render_strip)
@@ -53,6 +55,22 @@ def request_of(options: RequestOptions) -> ExplainRequest:
     """The engine's request for one set of parsed options."""
     return ExplainRequest(target=options.target, method=options.method, sparsity=options.sparsity,
                           reduce=options.reduce, selection=options.selection, options=options.method_options)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: Optional[int]):
+    """torch's intra-op threads at ``count`` for the block (None: unchanged). A CPU kernel splits its
+    reductions by thread, so an explanation's bits depend on the thread count as on the pass shape: a
+    verification recomputes with the count the document records."""
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _short(digest) -> str:
@@ -154,16 +172,19 @@ class ExplanationService:
         """``memory_budget`` (bytes, ``"4GiB"``, ``"60%"``; default: from the device's free memory) and
         ``max_batch_size`` bound one engine pass; larger batches are split (see :class:`~handler.engine.Explainer`).
         ``pass_batch``: samples per pass, padded, so an explanation is the same bits however it was batched
-        (``None``: the batch's own size; default: the model spec's)."""
+        (``None``: the batch's own size; ``"auto"``: by device, :func:`~handler.engine.explainer.resolve_pass_batch`;
+        default: the model spec's)."""
         self.spec: ModelSpec = loaded.spec
         self.weights_sha256 = loaded.weights_sha256
+        self.preparation = loaded.explained_preparation
         self.name = loaded.spec.name
         self.labels = loaded.labels
         self.limits = limits
         self.preprocessor = Preprocessor(loaded.spec.preprocessing)
         self.explainer = explainer_for(loaded, device=device, memory_budget=memory_budget,
                                        max_batch_size=max_batch_size,
-                                       pass_batch=loaded.spec.pass_batch if pass_batch == "default" else pass_batch)
+                                       pass_batch=resolve_pass_batch(
+                                           loaded.spec.pass_batch if pass_batch == "default" else pass_batch, device))
         self.predictor = loaded.predictor  # a frozen copy for predictions only, or None: the explainer's model
         self.observer = observer or ServiceObserver()
         self.explainer.on_batch_split = self.observer.batch_split
@@ -467,6 +488,8 @@ class ExplanationService:
             "image_sha256": image.info.get(IMAGE_SHA256),
             "device": device_kind(self.device),
             "torch": torch.__version__,
+            "preparation": self.preparation,
+            "torch_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "pass_batch": explanation.pass_batch,
             "attribution_sha256": attribution_sha256(explanation.attribution),
         }
@@ -497,6 +520,9 @@ class ExplanationService:
         if record.get("image_sha256") != image_sha256:
             found.append(("image", f"image: the document was made from sha256 {_short(record.get('image_sha256'))}, "
                                    f"this image is {_short(image_sha256)}"))
+        if record.get("preparation", "none") != self.preparation:
+            found.append(("preparation", f"preparation: the document's model was {record.get('preparation', 'none')}"
+                                         f", this one is {self.preparation}"))
         if record.get("preprocessing") != self.spec.preprocessing.to_dict():
             found.append(("preprocessing", "preprocessing: the document's differs from this model's"))
         options = record["options"]
@@ -508,18 +534,19 @@ class ExplanationService:
                 found.append(("options", f"options: the explanation shows {name} {value!r}, its provenance "
                                          f"records {options.get(name)!r}"))
         recomputed = None
-        pass_batch = record.get("pass_batch")
+        pass_batch, threads = record.get("pass_batch"), record.get("torch_threads")
         try:
-            if pass_batch is not None and (isinstance(pass_batch, bool) or not isinstance(pass_batch, int)
-                                           or pass_batch < 1):
-                raise InvalidOption(f"the recorded pass_batch {pass_batch!r} is not a positive integer")
+            for name, value in (("pass_batch", pass_batch), ("torch_threads", threads)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise InvalidOption(f"the recorded {name} {value!r} is not a positive integer")
             [validated] = self.validate([raw_options(options)], explain=True)
             decoded = self.decode(image)
         except ExplainError as err:
             found.append(("options" if isinstance(err, InvalidOption) else "image", f"cannot recompute: {err}"))
         else:
-            [explanation] = self.explainer.explain_requests(self.preprocessor.batch([decoded]), [validated.request],
-                                                            pass_batch=pass_batch)
+            with cpu_threads(threads if self.device.type == "cpu" else None):
+                [explanation] = self.explainer.explain_requests(self.preprocessor.batch([decoded]),
+                                                                [validated.request], pass_batch=pass_batch)
             request = validated.request
             resolved = resolved_options(validated.options, request,
                                         self.explainer.option_specs(request.method, request.selection))
@@ -541,7 +568,7 @@ class ExplanationService:
         if not found:
             return Verification(True, f"verified: attribution sha256 {_short(recomputed)} recomputed from this image "
                                       f"with the recorded weights, version, options and pass shape "
-                                      f"{pass_batch}", (), recomputed)
+                                      f"{pass_batch}" + (f" on {threads} thread(s)" if threads else ""), (), recomputed)
         whats = tuple(dict.fromkeys(what for what, _ in found))
         return Verification(False, f"differs ({', '.join(whats)}): " + "; ".join(detail for _, detail in found),
                             whats, recomputed)

@@ -34,17 +34,36 @@ def digests(service, tensors, names):
     return [attribution_sha256(e.attribution) for e in explainer.explain_requests(batch, [request] * len(names))]
 
 
-def test_an_image_gets_the_same_attribution_bits_alone_and_in_any_batch_position(lite0_service, images):
+@pytest.fixture(scope="module")
+def lite0_passes_of_4():
+    return ExplanationService.from_spec("efficientnet_lite0", device="cpu", pass_batch=4)
+
+
+def test_the_default_pass_shape_is_one_sample_on_the_cpu_and_four_on_a_gpu(lite0_service):
+    from handler.engine import resolve_pass_batch
+
+    assert lite0_service.explainer.pass_batch == 1  # "auto" on the CPU: a lone request pays no padding
+    assert resolve_pass_batch("auto", "cpu") == 1 and resolve_pass_batch("auto", "cuda") == 4
+    assert resolve_pass_batch(3, "cpu") == 3 and resolve_pass_batch(None, "cpu") is None
+    for bad in (0, -1, 2.5, True, "four"):
+        with pytest.raises(ValueError, match="pass_batch"):
+            resolve_pass_batch(bad, "cpu")
+
+
+@pytest.mark.parametrize("shape", [1, 4])
+def test_an_image_gets_the_same_attribution_bits_alone_and_in_any_batch_position(
+        shape, lite0_service, lite0_passes_of_4, images):
     tensors, _ = images
-    assert lite0_service.explainer.pass_batch == 4  # the default: every pass padded to 4 samples
-    [alone] = digests(lite0_service, tensors, ["coffee"])
+    service = lite0_service if shape == 1 else lite0_passes_of_4
+    assert service.explainer.pass_batch == shape
+    [alone] = digests(service, tensors, ["coffee"])
     batches = [["chelsea", "coffee"], ["coffee", "astronaut", "rocket"], ["rocket", "chelsea", "astronaut", "coffee"],
                ["astronaut", "chelsea", "rocket", "chelsea", "coffee"]]  # 5: cut into a pass of 4 and a padded one
     for names in batches:
-        found = digests(lite0_service, tensors, names)
+        found = digests(service, tensors, names)
         assert found[names.index("coffee")] == alone, names
     # and a neighbour's bits do not depend on coffee either
-    assert digests(lite0_service, tensors, ["chelsea", "coffee"])[0] == digests(lite0_service, tensors, ["chelsea"])[0]
+    assert digests(service, tensors, ["chelsea", "coffee"])[0] == digests(service, tensors, ["chelsea"])[0]
 
 
 def test_an_out_of_memory_split_keeps_results_verifiable_at_the_recorded_shape(lite0_service, images, monkeypatch):
@@ -85,7 +104,8 @@ def test_every_explanation_document_records_its_provenance(lite0_service, coffee
     assert record["options"]["reduce"] == "max_abs" and record["options"]["selection"] == "contribution"
     assert record["options"]["top_k"] == 5 and "method_options" in record["options"]
     assert record["preprocessing"]["crop"] == 224 and record["device"] == "cpu"
-    assert record["torch"] == torch.__version__ and record["pass_batch"] == 4
+    assert record["torch"] == torch.__version__ and record["pass_batch"] == 1  # "auto" on the CPU
+    assert record["preparation"] == "49 BatchNorm(s) folded, channels_last"  # what explanations ran on
     assert record["package"].startswith("pathway-explainer ") and record["revision"]
     # the server's default response (heatmap + pathway, inline) stays within its budget with the record
     [served] = lite0_service.explain([lite0_service.decode(coffee)], [result_options(lite0_service)])
@@ -119,6 +139,20 @@ def test_verify_accepts_the_document_for_its_image_and_names_what_differs_otherw
     assert refused.differences == ("options",) and "sparsity" in refused.message
 
     assert lite0_service.verify({"model": "x"}, coffee).differences == ("document",)
+
+
+def test_verify_names_a_different_model_preparation(lite0_service, coffee):
+    """The preparation changes an explanation's bits: a document made on the prepared model is not verified by
+    the model as trained, and verify says why."""
+    from handler.models import load_model
+
+    [result] = lite0_service.explain_images([coffee])
+    document = json.loads(json.dumps(result.inline()))
+    as_trained = ExplanationService(load_model("efficientnet_lite0", prepare=False))
+    assert as_trained.preparation == "none"
+    refused = as_trained.verify(document, coffee)
+    assert not refused.ok and refused.differences[0] == "preparation", refused.message
+    assert "49 BatchNorm(s) folded, channels_last" in refused.message
 
 
 def test_cli_verify_refuses_tampered_weights(lite0_service, coffee, photos, tmp_path, capsys):
@@ -167,3 +201,19 @@ def test_random_weights_are_identified_by_their_state_dict_including_zero_dim_bu
     with torch.no_grad():
         model[1].num_batches_tracked += 1
     assert state_dict_sha256(model) != same
+
+
+def test_verify_recomputes_with_the_recorded_thread_count(lite0_service, coffee):
+    """A CPU kernel splits its reductions by thread, so the bits depend on the thread count (a server worker runs
+    with its own, model-config.yaml's torch_threads): the record names it and verify recomputes with it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        [result] = lite0_service.explain_images([coffee])
+    finally:
+        torch.set_num_threads(before)
+    document = json.loads(json.dumps(result.inline()))
+    assert document["provenance"]["torch_threads"] == 1
+    verified = lite0_service.verify(document, coffee)
+    assert verified.ok and "on 1 thread(s)" in verified.message, verified.message
+    assert torch.get_num_threads() == before  # verify leaves the caller's threads as they were

@@ -10,9 +10,11 @@ same network, EfficientNet-Lite0 with the same weights:
 
 For each model, route and client count (1 and 8 concurrent clients), it sends the same photo and
 records per-request latency (p50, p95), throughput and response bytes. Both archives use the same
-worker settings (1 worker, batchSize 4, maxBatchDelay 20 ms). Run:
+worker settings (1 worker, batchSize 4, maxBatchDelay 20 ms; ``--workers 2`` for two per model, each
+with the threads ``model-config.yaml``'s ``auto`` gives it). Run:
 ``.venv/bin/python benchmarks/speed/http_e2e.py`` (about 10 minutes on 2 CPU cores); writes
-``benchmarks/speed/results/http-<device>.{json,md}``.
+``benchmarks/speed/results/http-<device>.{json,md}`` (``--name`` changes the stem). ``--no-stock-explanations``
+leaves out the stock IG explanations (minutes at 8 clients), which the acceptance ratios do not need.
 """
 
 from __future__ import annotations
@@ -36,20 +38,24 @@ sys.path.insert(0, str(ROOT / "tests"))
 from benchmarks.common import git_revision, machine, write_results  # noqa: E402
 from handler.models import get_spec, load_model  # noqa: E402
 from handler.samples import sample_photo  # noqa: E402
-from handler.serving.archive import DEFAULT_WORKER_CONFIG, build_archive  # noqa: E402
+from handler.serving.archive import DEFAULT_PATHWAY_CONFIG, DEFAULT_WORKER_CONFIG, build_archive  # noqa: E402
 from server_harness import Server  # noqa: E402
 
 WORKER = dict(DEFAULT_WORKER_CONFIG)
 
 
-def build_stock_archive(store: Path, work: Path) -> None:
+def worker_config(workers: int) -> dict:
+    return dict(WORKER, minWorkers=workers, maxWorkers=workers)
+
+
+def build_stock_archive(store: Path, work: Path, worker: dict) -> None:
     """TorchServe's stock image_classifier on a TorchScript trace of the same EfficientNet-Lite0."""
     import yaml
 
     model = load_model("efficientnet_lite0").module
     traced = torch.jit.trace(model, torch.randn(1, 3, 224, 224))
     traced.save(str(work / "stock_lite0.pt"))
-    (work / "model-config.yaml").write_text(yaml.safe_dump(WORKER))
+    (work / "model-config.yaml").write_text(yaml.safe_dump(worker))
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     subprocess.run([str(archiver), "--model-name", "stock_lite0", "--version", "1.0", "--serialized-file",
                     str(work / "stock_lite0.pt"), "--handler", "image_classifier", "--config-file",
@@ -60,7 +66,9 @@ def _size(n: float) -> str:
     return f"{n:.0f} B" if n < 1000 else f"{n / 1000:.0f} kB"
 
 
-def measure(server: Server, model: str, route: str, photo: bytes, clients: int, requests_per_client: int) -> dict:
+def measure(server: Server, model: str, route: str, photo: bytes, clients: int, requests_per_client: int) -> tuple:
+    """``(latencies in s, wall s, response sizes)`` of ``clients`` concurrent clients sending
+    ``requests_per_client`` requests each."""
     headers = {"Content-Type": "application/octet-stream"}
 
     def one(_):
@@ -71,18 +79,20 @@ def measure(server: Server, model: str, route: str, photo: bytes, clients: int, 
             raise RuntimeError(f"{model} {route}: {reply.status_code} {reply.text[:300]}")
         return elapsed, len(reply.content)
 
-    total = clients * requests_per_client
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, range(total)))
-    wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
+        results = list(pool.map(one, range(clients * requests_per_client)))
+    return [r[0] for r in results], time.perf_counter() - start, [r[1] for r in results]
+
+
+def summarise(model: str, route: str, clients: int, latencies: list, wall: float, sizes: list) -> dict:
+    latencies = sorted(latencies)
     return {
-        "model": model, "route": route, "clients": clients, "requests": total,
+        "model": model, "route": route, "clients": clients, "requests": len(latencies),
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
-        "throughput_rps": total / wall,
-        "response_bytes": statistics.mean(r[1] for r in results),
+        "throughput_rps": len(latencies) / wall,
+        "response_bytes": statistics.mean(sizes),
     }
 
 
@@ -92,30 +102,54 @@ def main() -> None:
                         help="requests per client with 1 client; half as many each with 8 clients")
     parser.add_argument("--photo", default=str(sample_photo("coffee")))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "speed" / "results")
+    parser.add_argument("--name", help="results file stem (default http-<device>)")
+    parser.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="torch threads per worker, both deployments (default: model-config.yaml's auto)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the requests of each row are sent in this many rounds, interleaved with the other "
+                             "rows' (a drifting machine then moves every row alike)")
+    parser.add_argument("--no-stock-explanations", action="store_true",
+                        help="leave out the stock handler's IG explanations (minutes at 8 clients)")
     args = parser.parse_args()
+    worker = worker_config(args.workers)
+    routes = [("efficientnet_lite0", "predictions"), ("efficientnet_lite0", "explanations"),
+              ("stock_lite0", "predictions")]
+    if not args.no_stock_explanations:
+        routes.append(("stock_lite0", "explanations"))
     photo = Path(args.photo).read_bytes()
     rows = []
     with tempfile.TemporaryDirectory(prefix="pathway-http-") as tmp:
         tmp = Path(tmp)
         store = tmp / "store"
         store.mkdir()
-        build_archive(get_spec("efficientnet_lite0"), store, worker_config=WORKER)
-        build_stock_archive(store, tmp)
-        server = Server(tmp / "run", store, models=("efficientnet_lite0", "stock_lite0=stock_lite0.mar")).start()
+        pathway = dict(DEFAULT_PATHWAY_CONFIG)
+        if args.torch_threads is not None:
+            pathway["torch_threads"] = args.torch_threads
+        build_archive(get_spec("efficientnet_lite0"), store, worker_config=worker, pathway_config=pathway)
+        build_stock_archive(store, tmp, worker)
+        env = {} if args.torch_threads is None else {"OMP_NUM_THREADS": str(args.torch_threads)}
+        server = Server(tmp / "run", store, models=("efficientnet_lite0", "stock_lite0=stock_lite0.mar"),
+                        env=env).start()
         try:
             # /ping is healthy before every worker has loaded: warm every path first, so no measurement
             # shares the CPU with a model still loading (and one-off first-call work is excluded)
-            for model in ("efficientnet_lite0", "stock_lite0"):
-                for route in ("predictions", "explanations"):
-                    for _ in range(2):
+            for model, route in routes:
+                for _ in range(2 * args.workers):
                         reply = server.post(f"/{route}/{model}", data=photo,
                                             headers={"Content-Type": "application/octet-stream"}, timeout=600)
                         reply.raise_for_status()
             for clients in (1, 8):
-                for model, route in (("efficientnet_lite0", "predictions"), ("efficientnet_lite0", "explanations"),
-                                     ("stock_lite0", "predictions"), ("stock_lite0", "explanations")):
-                    per_client = args.requests_per_client if clients == 1 else max(2, args.requests_per_client // 2)
-                    row = measure(server, model, route, photo, clients, per_client)
+                per_client = args.requests_per_client if clients == 1 else max(2, args.requests_per_client // 2)
+                per_round = max(1, per_client // args.rounds)
+                gathered = {key: ([], 0.0, []) for key in routes}
+                for _ in range(args.rounds):
+                    for key in routes:
+                        latencies, wall, sizes = measure(server, *key, photo, clients, per_round)
+                        kept = gathered[key]
+                        gathered[key] = (kept[0] + latencies, kept[1] + wall, kept[2] + sizes)
+                for (model, route), (latencies, wall, sizes) in gathered.items():
+                    row = summarise(model, route, clients, latencies, wall, sizes)
                     rows.append(row)
                     print(f"{model:18s} {route:12s} clients={clients}: p50 {row['p50_ms']:.0f} ms, p95 "
                           f"{row['p95_ms']:.0f} ms, {row['throughput_rps']:.2f} req/s, "
@@ -132,11 +166,17 @@ def main() -> None:
 
     retained = all(server_environment(dict(os.environ), Path("var")).get(k) == v for k, v in RETAINED_HEAP.items())
     allocator = "retained heap (PATHWAY_RETAIN_HEAP=1)" if retained else "glibc defaults"
+    from handler.serving.worker import worker_threads
+
+    threads = worker_threads({} if args.torch_threads is None else {"torch_threads": args.torch_threads}, worker)
+    threads_note = "model-config.yaml's `auto`" if args.torch_threads is None else "set for both deployments"
     lines = [
         f"# End to end over HTTP: TorchServe on loopback ({device})",
         "",
         f"Machine: {info.get('gpu', info['cpu'])}; {info['cpu_count']} CPU cores, torch {info['torch']}; "
-        f"revision {git_revision()}. One worker, batchSize 4, maxBatchDelay 20 ms, the coffee photo "
+        f"revision {git_revision()}. {args.workers} worker(s) per model ({threads[0]} torch thread(s) each: "
+        f"{threads_note}), "
+        f"requests in {args.rounds} interleaved rounds, batchSize 4, maxBatchDelay 20 ms, the coffee photo "
         "(600×400 PNG) as raw bytes. `stock_lite0` is TorchServe's stock `image_classifier` handler on a "
         "TorchScript trace of the same network (explanations: Captum IG, 15 steps, nested JSON lists). "
         f"Server allocator: {allocator}.",
@@ -158,8 +198,9 @@ def main() -> None:
                  "/predictions p50 (goal ≤ 2.0×)")
     lines.append(f"- load average at the end: {os.getloadavg()[0]:.1f} on {info['cpu_count']} cores (a shared "
                  "machine: compare only ratios of one run)")
-    lines += ["", "Ratios (same run):", ""]
-    for clients in (1, 8):
+    if not args.no_stock_explanations:
+        lines += ["", "Ratios (same run):", ""]
+    for clients in (1, 8) if not args.no_stock_explanations else ():
         ours_e = find("efficientnet_lite0", "explanations", clients)
         ours_p = find("efficientnet_lite0", "predictions", clients)
         stock_e = find("stock_lite0", "explanations", clients)
@@ -168,7 +209,8 @@ def main() -> None:
                      f"{stock_e['p50_ms'] / ours_e['p50_ms']:.1f}× ours (goal ≥ 6×); throughput "
                      f"{ours_e['throughput_rps'] / stock_e['throughput_rps']:.1f}× the stock path's; response "
                      f"{_size(ours_e['response_bytes'])} vs {stock_e['response_bytes'] / 1e6:.1f} MB")
-    write_results(args.out, f"http-{device}", {"machine": info, "revision": git_revision(), "worker": WORKER,
+    write_results(args.out, args.name or f"http-{device}", {"machine": info, "revision": git_revision(),
+                                                            "worker": worker, "torch_threads": threads[0],
                                                "allocator": allocator, "results": rows}, "\n".join(lines) + "\n")
 
 

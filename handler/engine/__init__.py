@@ -28,7 +28,8 @@ Memory (:mod:`.batching`, :mod:`.events`):
 from . import baselines, contribution, selections  # noqa: F401  (registers methods and selection strategies)
 from .batching import MemoryBudget, is_out_of_memory, release_cached_memory
 from .events import BatchSplit
-from .explainer import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, ExplainRequest, Explanation, ValidRequest, explaining
+from .explainer import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, ExplainRequest, Explanation, ValidRequest, explaining, \
+    resolve_pass_batch
 from .methods import METHODS, Attribution, register_method
 from .normalisation import InputNormalisation
 from .options import OptionSpec, check_sparsity
@@ -41,6 +42,6 @@ from .sites import Site, SiteCall, SiteLayout, SiteMismatchError, instrument
 __all__ = [
     "Attribution", "BatchSplit", "DEFAULT_PASS_BATCH", "DEFAULTS", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
     "METHODS", "MemoryBudget", "OptionSpec", "Pathway", "REDUCTIONS", "Registry", "SELECTIONS", "Site", "SiteCall",
-    "SiteLayout", "SiteMismatchError", "ValidRequest", "check_sparsity", "explaining", "instrument", "is_out_of_memory",
+    "SiteLayout", "SiteMismatchError", "ValidRequest", "resolve_pass_batch", "check_sparsity", "explaining", "instrument", "is_out_of_memory",
     "observe_network", "register_method", "register_selection", "release_cached_memory", "run_along",
 ]

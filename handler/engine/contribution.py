@@ -79,7 +79,7 @@ def score_neurons(
     def probe(call: SiteCall) -> torch.Tensor:
         out = call.run()
         if record_alive:
-            alive_parts.append((out != 0).flatten(1))
+            alive_parts.append(call.site.flat(out != 0))
         return _ContributionProbe.apply(out, token, sink, call.site)
 
     with instrument(model, probe, inputs=x) as recorder:

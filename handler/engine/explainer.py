@@ -70,10 +70,30 @@ class ValidRequest(ExplainRequest):
     class_index: int = -1
 
 
-#: Samples per pass for a model spec that names no ``pass_batch``: every pass padded to this shape, so an
-#: explanation is the same bits however it was batched (benchmarks/speed/results/reproducibility-cpu.md
-#: has the cost that chose it). ``Explainer`` itself defaults to no fixed shape.
-DEFAULT_PASS_BATCH = 4
+#: Samples per pass for a model spec that names no ``pass_batch``: ``"auto"`` (:func:`resolve_pass_batch`).
+#: Every pass is padded to its shape, so an explanation is the same bits however it was batched.
+#: ``Explainer`` itself defaults to no fixed shape.
+DEFAULT_PASS_BATCH = "auto"
+
+#: ``"auto"``'s pass shape per device kind. On the CPU one sample per pass: a lone request then pays no
+#: padding (a pass of 4 costs it 2.4x), while a full batch of 4 costs 1.3-1.6x what one pass of 4 would
+#: (benchmarks/speed/results/reproducibility-cpu.md). On a GPU a pass of 4 costs about what a pass of 1
+#: does, so full batches share the device (not measured here).
+AUTO_PASS_BATCH = {"cpu": 1}
+AUTO_PASS_BATCH_ELSEWHERE = 4
+
+
+def resolve_pass_batch(value, device) -> Optional[int]:
+    """A configured pass shape as the engine takes it: a positive integer, None (the batch's own size), or
+    ``"auto"`` (:data:`AUTO_PASS_BATCH` for ``device``'s kind). Raises ``ValueError`` naming the value."""
+    if value == "auto":
+        return AUTO_PASS_BATCH.get(torch.device(device).type, AUTO_PASS_BATCH_ELSEWHERE)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"pass_batch must be a positive integer, null or \"auto\", not {value!r}")
+    return value
+
 
 #: What a request that names no method, sparsity, reduction or selection gets; a model spec may set its own.
 DEFAULTS = ExplainRequest(method="pathway_gradient", sparsity=0.7, reduce="max_abs", selection="contribution")

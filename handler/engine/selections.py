@@ -30,7 +30,7 @@ def observe_network(model: nn.Module, x: torch.Tensor) -> tuple:
 
     def record(call: SiteCall) -> torch.Tensor:
         out = call.run()
-        alive_parts.append((out != 0).flatten(1))
+        alive_parts.append(call.site.flat(out != 0))
         return out
 
     with torch.no_grad(), instrument(model, record, inputs=x) as recorder:
@@ -245,7 +245,7 @@ def resample(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, copies: i
         def record(call: SiteCall) -> torch.Tensor:  # copies each output at once: later in-place ops cannot alter it
             out = call.run()
             if acts is None:  # first chunk: the layout (and so the buffer's width) is not known yet
-                parts.append(out.flatten(1).clone())
+                parts.append(call.site.flat(out).clone())
             else:
                 call.site.view(acts).copy_(out)
             return out

@@ -39,7 +39,7 @@ import functools
 import sys
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -157,6 +157,11 @@ class Site:
     offset: int
     batch: str = PER_SAMPLE  # PER_SAMPLE, BATCH_FOLDED or BATCH_SHARED
     overwritten: bool = False  # the model modifies the output in place after the activation returned
+    #: The activation's ``[B, C, H, W]`` output is laid out channels-last (NHWC), so the site's neurons sit on
+    #: the flat axis in that order and :meth:`view` hands out NHWC-strided views: every elementwise pass of the
+    #: engine over the activation (scores, masks) walks memory in order. Not part of a site's identity: a model
+    #: prepared in another memory format has the same sites.
+    channels_last: bool = field(default=False, compare=False)
 
     @property
     def selectable(self) -> bool:
@@ -178,8 +183,21 @@ class Site:
         return n
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:
-        """This site's slice of a ``[B, N]`` tensor, shaped like the activation (per sample)."""
-        return flat[:, self.offset : self.offset + self.numel].view(flat.shape[0], *self.shape)
+        """This site's slice of a ``[B, N]`` tensor, shaped like the activation (per sample) and laid out like it
+        (a channels-last site's slice holds its neurons in NHWC order: the view is ``[B, C, H, W]`` with NHWC
+        strides)."""
+        part = flat[:, self.offset : self.offset + self.numel]
+        if self.channels_last:
+            c, h, w = self.shape
+            return part.view(flat.shape[0], h, w, c).permute(0, 3, 1, 2)
+        return part.view(flat.shape[0], *self.shape)
+
+    def flat(self, activation: torch.Tensor) -> torch.Tensor:
+        """``[B, numel]``: an activation's neurons in this site's order on the flat axis (what :meth:`view` of
+        the result gives back as ``activation``); a copy only where the activation is laid out otherwise."""
+        if self.channels_last:
+            return activation.permute(0, 2, 3, 1).reshape(activation.shape[0], self.numel)
+        return activation.reshape(activation.shape[0], self.numel)
 
 
 @dataclass(frozen=True)
@@ -325,7 +343,7 @@ class _SiteInterceptor(TorchFunctionMode):
         else:
             name = self.names.name_for(kind) if self.names is not None else f"site{index}"
             site = Site(index, name, kind, kind in PIECEWISE_LINEAR_KINDS, shape, self._offset, batch_kind,
-                        overwritten)
+                        overwritten, batch_kind == PER_SAMPLE and _is_channels_last(args[0]))
         self._offset += site.numel
         self.sites.append(site)
         _LAST_CALL.where = f"activation site {site.name!r} ({_op_name(func)}, {batch_kind}, shape {list(full)})"
@@ -372,6 +390,12 @@ class _SiteInterceptor(TorchFunctionMode):
                 "every activation call of the model works on a table shared by the whole batch (computed from "
                 "parameters, not from the input): there are no neurons of the input to select")
         return layout
+
+
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    """A ``[B, C, H, W]`` tensor laid out NHWC and not also NCHW (with ``C = 1`` or ``H = W = 1`` both hold)."""
+    return (tensor.dim() == 4 and not tensor.is_contiguous()
+            and tensor.is_contiguous(memory_format=torch.channels_last))
 
 
 def _op_name(func) -> str:

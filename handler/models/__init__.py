@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..engine import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, InputNormalisation
+from ..engine import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, InputNormalisation, resolve_pass_batch
 from ..errors import UnknownModel
 from ..provenance import state_dict_sha256
 from .preparation import UNPREPARED, Preparation, PreparationError, PreparationReport, example_input, \
@@ -83,8 +83,9 @@ class ModelSpec:
     num_classes: Optional[int] = None
     defaults: dict = field(default_factory=lambda: default_settings())
     description: str = ""
-    #: Samples per engine pass, padded (reproducible explanations); None: the batch's own size.
-    pass_batch: Optional[int] = DEFAULT_PASS_BATCH
+    #: Samples per engine pass, padded (reproducible explanations); ``"auto"``: by device
+    #: (:func:`~handler.engine.resolve_pass_batch`); None: the batch's own size.
+    pass_batch: Union[int, str, None] = DEFAULT_PASS_BATCH
     prepare: Preparation = field(default_factory=Preparation)  # inference preparation (handler.models.preparation)
     base_dir: Optional[str] = None  # where relative paths resolve; not serialised
 
@@ -112,6 +113,10 @@ class ModelSpec:
         try:
             preparation = Preparation.from_value(data.pop("prepare", None))
         except (PreparationError, TypeError) as err:
+            raise ModelLoadError(f"model spec: {err}") from None
+        try:
+            resolve_pass_batch(data.get("pass_batch", DEFAULT_PASS_BATCH), "cpu")
+        except ValueError as err:
             raise ModelLoadError(f"model spec: {err}") from None
         return cls(weights=weights, preprocessing=prep, defaults=defaults, prepare=preparation,
                    base_dir=str(base_dir) if base_dir is not None else None, **data)
@@ -361,6 +366,16 @@ class LoadedModel:
     #: What serves predictions when it is not the explained ``module``: the prepared model, or its frozen
     #: TorchScript copy; see :func:`load_model`'s ``predictor``.
     predictor: Optional[nn.Module] = None
+    #: Whether ``module`` (what explanations run) is the prepared model.
+    explains_prepared: bool = False
+
+    @property
+    def explained_preparation(self) -> str:
+        """What was done to the explained model, for the provenance record: ``"none"`` or the report's summary
+        (the preparation changes an explanation's bits, as a thread count or a pass shape does)."""
+        if not self.explains_prepared or self.preparation.reverted or not self.preparation.changed:
+            return "none"
+        return self.preparation.summary()
 
 
 def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.device] = "cpu", *,
@@ -397,6 +412,7 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
     settings = UNPREPARED if prepare is False else spec.prepare
     device = torch.device(device)
     report, serving = PreparationReport(), None
+    model_as_trained, explains_prepared = model, False
     if settings != UNPREPARED and (predictor or settings.explain_prepared):
         x = example_input(spec.preprocessing.crop, device)
         prepared, report = prepare_model(model, settings, x)  # ``model`` itself when nothing is to change
@@ -407,10 +423,11 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
             serving = prepared
         if settings.explain_prepared:
             model = prepared
+            explains_prepared = prepared is not model_as_trained
         logger.info("model %s prepared for inference: %s; predictions: %s; explanations: %s model", spec.name,
                     report.summary(), type(serving).__name__ if serving is not None else "the explained model",
                     "the prepared" if settings.explain_prepared and not report.reverted else "the trained")
-    return LoadedModel(spec, model, labels, label_aliases(spec), weights_sha256, report, serving)
+    return LoadedModel(spec, model, labels, label_aliases(spec), weights_sha256, report, serving, explains_prepared)
 
 
 def file_sha256(path: Path) -> str:

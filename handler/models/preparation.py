@@ -18,8 +18,17 @@ unprepared one (logits to float tolerance, identical site layout) on a random
 input; a model that fails the check is served unprepared, with a warning.
 
 The memory format is the one the spec names, or by default (``"auto"``,
-:func:`memory_format_for`) contiguous for the explained model and channels-last
-for the predictions' frozen copy on the CPU.
+:func:`memory_format_for`) channels-last on the CPU for a model with 2-D
+convolutions (oneDNN's fast path), contiguous elsewhere. The engine follows each
+activation's memory layout (:attr:`handler.engine.sites.Site.channels_last`), so a
+channels-last model costs it no strided passes.
+
+Explanations run the prepared model by default (``explain_prepared``): on the
+sample photos its maps agree with the trained model's to Pearson >= 0.99 with the
+same predicted classes (``benchmarks/speed/preparation.py`` measures it, and
+``tests/models/test_preparation.py`` holds it). The provenance record names the
+preparation, since it changes an explanation's bits (as a thread count or a pass
+shape does).
 
 For predictions only, a frozen TorchScript copy
 (:func:`torch.jit.optimize_for_inference`) can stand in for the eager model
@@ -58,20 +67,21 @@ class Preparation:
 
     ``fold_batchnorm``: fold each BatchNorm into the convolution it directly follows.
     ``memory_format``: ``"auto"`` (:func:`memory_format_for`), ``"channels_last"`` or
-    ``"contiguous"`` (both the explained model and the predictions' copy).
+    ``"contiguous"`` (the explained model and the predictions' copy alike).
     ``predict``: what serves ``/predictions``: ``"eager"`` (the prepared model),
     ``"frozen"`` (a frozen TorchScript copy, checked against the eager model at load) or ``"auto"``
     (frozen on the CPU, where benchmarks/speed/predict.py measured it faster; eager on a GPU, not measured).
-    ``explain_prepared``: explanations run the prepared model too. Off by default: an explanation's neuron
-    threshold is sensitive to float rounding, and the folded model's maps agree with the trained model's only
-    to Pearson 0.96-1.0 on the sample photos (as much as a change of thread count moves them), while the
-    predictions' copy is checked to float tolerance.
+    ``explain_prepared``: explanations run the prepared model too (the default). An explanation's neuron
+    threshold is sensitive to float rounding: folding and the memory format move a few near-tie neurons across
+    it, as a change of thread count or pass shape does; on the sample photos the maps agree with the trained
+    model's to Pearson >= 0.99 (``benchmarks/speed/results/preparation-cpu.md``). ``false`` explains the model
+    as trained (predictions still use the prepared copy).
     """
 
     fold_batchnorm: bool = True
     memory_format: str = "auto"
     predict: str = "auto"
-    explain_prepared: bool = False
+    explain_prepared: bool = True
 
     @classmethod
     def from_value(cls, value) -> "Preparation":
@@ -100,7 +110,7 @@ class Preparation:
 
     def predict_memory_format(self, model: nn.Module, device: torch.device) -> str:
         if self.memory_format == "auto":
-            return memory_format_for(model, device, explained=False)
+            return memory_format_for(model, device)
         return self.memory_format
 
     @property
@@ -119,6 +129,10 @@ class PreparationReport:
     folded: list = field(default_factory=list)  # (convolution path, BatchNorm path)
     memory_format: str = "contiguous"
     reverted: Optional[str] = None  # why the prepared model was discarded, if it was
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.folded) or self.memory_format != "contiguous"
 
     def summary(self) -> str:
         if self.reverted:
@@ -271,16 +285,12 @@ def _has_convolution(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def memory_format_for(model: nn.Module, device: torch.device, *, explained: bool) -> str:
-    """``"auto"``'s choice. The explained model stays contiguous: the engine's score buffers and masks are
-    laid out for contiguous activations (a channels-last model explains no faster), and a different layout
-    changes the float rounding an explanation's neuron threshold sees. The predictions' frozen copy is
-    channels-last on the CPU for a model with 2-D convolutions (oneDNN's fast path;
-    ``benchmarks/speed/predict.py`` measures it). On a GPU, contiguous (channels-last pays there with reduced
-    precision, which serving does not use; not measured). Decided by rule rather than timed at load: a worker
-    on a busy machine measures noise, and one spec on one kind of device should compute alike everywhere."""
-    if explained:
-        return "contiguous"
+def memory_format_for(model: nn.Module, device: torch.device) -> str:
+    """``"auto"``'s choice: channels-last on the CPU for a model with 2-D convolutions (oneDNN's fast path:
+    ``benchmarks/speed/predict.py`` and the engine suite measure it), contiguous otherwise. On a GPU,
+    contiguous: channels-last pays there with reduced precision, which serving does not use (not measured).
+    Decided by rule rather than timed at load: a worker on a busy machine measures noise, and one spec on one
+    kind of device should compute alike everywhere."""
     return "channels_last" if device.type == "cpu" and _has_convolution(model) else "contiguous"
 
 
@@ -316,7 +326,7 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
             report.folded = fold_batchnorms(prepared)
         fmt = settings.memory_format
         if fmt == "auto":
-            fmt = memory_format_for(prepared, x.device, explained=True)
+            fmt = memory_format_for(prepared, x.device)
         set_memory_format(prepared, fmt)
         report.memory_format = fmt
         with torch.no_grad():

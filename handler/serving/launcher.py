@@ -71,6 +71,9 @@ def server_environment(base: dict, run_dir: Path) -> dict:
     if env.get("PATHWAY_RETAIN_HEAP", "0") == "1":
         for key, value in RETAINED_HEAP.items():
             env.setdefault(key, value)
+    # A worker's cores belong to torch's threads (serving.worker); NumPy's OpenBLAS would start as many of its
+    # own, which keep spinning after a product and slow the next pass (benchmarks/speed/README.md).
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     return env
 
 

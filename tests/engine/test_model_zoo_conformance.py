@@ -5,7 +5,10 @@ trainable parameters), a batch of 2 with different targets. For each model: no e
 the input's resolution; realised sparsity >= requested; the batch gives the same maps as its samples one
 by one; the model comes back unchanged (training flags, ``requires_grad``, hooks, parameters and
 buffers); and where every activation is a ReLU/ReLU6 module call, the maps agree with the independent
-hook-based implementation in ``reference_pathway.py`` at the same removal count.
+hook-based implementation in ``reference_pathway.py`` at the same removal count. Then the same model
+prepared for inference as the server loads it (BatchNorm folded, channels-last on the CPU:
+``handler.models.preparation``): nothing reverted at load, the same batch checks, and maps that agree with
+the trained model's.
 
 The torchvision list is read at collection time, so a model torchvision adds is collected without an
 edit. CI (2 CPU cores, 24 GB, a few minutes for the whole suite) runs the smallest classifier of each
@@ -26,6 +29,7 @@ from torch import nn
 
 from handler.engine import Explainer
 from handler.engine.reduce import ZERO_MAP_EPS
+from handler.models.preparation import Preparation, prepare_model
 from reference_pathway import reference_pathway_gradient, relu_module_calls
 
 pytestmark = pytest.mark.conformance
@@ -166,17 +170,8 @@ def assert_same_state(before: dict, after: dict) -> None:
         assert torch.equal(v, after["tensors"][k]), f"{k} changed"
 
 
-@pytest.mark.parametrize("source, name, size", _torchvision_cases() + _timm_cases())
-def test_model_explains_a_batch_like_its_samples_and_is_left_untouched(source, name, size):
-    model = build(source, name)  # left in its constructor state: training mode, trainable parameters
-    before = model_state(model)
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, size, size)
-    explainer = Explainer(model, labels=[f"class {i}" for i in range(CLASSES)])
-
-    batch = explainer.explain(x, list(TARGETS), sparsity=SPARSITY)
-    alone = [explainer.explain(x[i:i + 1], [t], sparsity=SPARSITY)[0] for i, t in enumerate(TARGETS)]
-
+def assert_batch_matches_alone(name: str, batch: list, alone: list, size: int) -> None:
+    """Each sample's explanation in the batch is the one it gets alone (up to threshold ties), and sound."""
     for b, (together, single) in enumerate(zip(batch, alone)):
         assert together.target == single.target == TARGETS[b]
         assert together.attribution.shape == (size, size)
@@ -197,6 +192,20 @@ def test_model_explains_a_batch_like_its_samples_and_is_left_untouched(source, n
                 assert np.corrcoef(together.attribution.ravel(), single.attribution.ravel())[0, 1] > 0.95
         else:
             assert together.attribution_scale == single.attribution_scale == 0
+
+
+@pytest.mark.parametrize("source, name, size", _torchvision_cases() + _timm_cases())
+def test_model_explains_a_batch_like_its_samples_and_is_left_untouched(source, name, size):
+    model = build(source, name)  # left in its constructor state: training mode, trainable parameters
+    before = model_state(model)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, size, size)
+    explainer = Explainer(model, labels=[f"class {i}" for i in range(CLASSES)])
+
+    batch = explainer.explain(x, list(TARGETS), sparsity=SPARSITY)
+    alone = [explainer.explain(x[i:i + 1], [t], sparsity=SPARSITY)[0] for i, t in enumerate(TARGETS)]
+
+    assert_batch_matches_alone(name, batch, alone, size)
 
     model_after = model_state(model)
     assert_same_state(before, model_after)
@@ -221,3 +230,42 @@ def test_every_torchvision_family_has_a_representative_in_ci():
     representatives = {representative(name) for name in listed}
     assert representatives <= listed  # no stale representative
     assert len(representatives) >= 20
+
+
+def _randomise_batchnorms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics (a fresh BatchNorm is almost the identity: folding it proves little)."""
+    generator = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=generator) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) * 1.5 + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("source, name, size", _torchvision_cases() + _timm_cases())
+def test_prepared_model_keeps_its_sites_and_explains_like_the_trained_one(source, name, size):
+    """Inference preparation (BatchNorm folded, the CPU's channels-last format) as the server loads a model:
+    exact outputs, every activation site kept (both checked at load: nothing reverted), and explanations that
+    pass the same batch checks and agree with the trained model's."""
+    model = _randomise_batchnorms(build(source, name)).eval().requires_grad_(False)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, size, size)
+    prepared, report = prepare_model(model, Preparation(), x[:1])
+    if not report.changed:
+        pytest.skip(f"{name}: preparation changes nothing (no BatchNorm after a convolution, no 2-D convolution)")
+    assert report.reverted is None, report.reverted
+    labels = [f"class {i}" for i in range(CLASSES)]
+    trained = Explainer(model, labels=labels).explain(x, list(TARGETS), sparsity=SPARSITY)
+    explainer = Explainer(prepared, labels=labels)
+    batch = explainer.explain(x, list(TARGETS), sparsity=SPARSITY)
+    alone = [explainer.explain(x[i:i + 1], [t], sparsity=SPARSITY)[0] for i, t in enumerate(TARGETS)]
+    assert_batch_matches_alone(name, batch, alone, size)
+    for ours, theirs in zip(batch, trained):
+        assert ours.pathway["total_neurons"] == theirs.pathway["total_neurons"]
+        assert [s["name"] for s in ours.pathway["sites"]] == [s["name"] for s in theirs.pathway["sites"]]
+        if name in BATCH_VARIANT:
+            continue
+        if ours.attribution_scale > 0 and theirs.attribution_scale > 0:
+            assert ours.attribution_scale == pytest.approx(theirs.attribution_scale, rel=5e-2)
+            if ours.attribution.std() > 0 and theirs.attribution.std() > 0:
+                assert np.corrcoef(ours.attribution.ravel(), theirs.attribution.ravel())[0, 1] > 0.95

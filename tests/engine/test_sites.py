@@ -77,6 +77,59 @@ def test_resnet18_contributions_match_a_hook_based_reference(resnet18):
     assert pathway.targets.tolist() == targets.tolist()
 
 
+def test_a_channels_last_model_gets_channels_last_sites_with_the_same_pathway(resnet18):
+    """Sites of a channels-last model keep their neurons in NHWC order on the flat axis, so every view the engine
+    writes scores or reads masks through walks memory in order; the selected neurons are the ones a hook-based
+    reference on the same channels-last model selects, site by site."""
+    import copy
+
+    from handler.engine.pathways import SELECTIONS
+
+    model = copy.deepcopy(resnet18).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    pathway = SELECTIONS.get("contribution")(model, x, torch.tensor([-1, 5]), [0.6, 0.6])
+    assert all(site.channels_last for site in pathway.layout)
+    assert pathway.layout == trace_sites(resnet18, x)  # the same sites as the contiguous model's
+    numbered = torch.arange(2 * pathway.layout.total).view(2, -1)
+    for site in pathway.layout:
+        view = site.view(pathway.keep)
+        c, h, w = site.shape
+        assert view.shape[1:] == site.shape and view.stride()[1:] == (1, w * c, c)  # each sample NHWC in memory
+        assert torch.equal(site.flat(site.view(numbered)), numbered[:, site.offset:site.offset + site.numel])
+
+    reference = copy.deepcopy(model)
+    captured = []
+    for m in reference.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+            m.register_forward_hook(lambda _m, _i, out: captured.append(out) or out.retain_grad())
+    logits = reference(x.clone())
+    targets = torch.tensor([logits[0].argmax().item(), 5])
+    logits.gather(1, targets[:, None]).sum().backward()
+    per_site = [(a * a.grad).abs() for a in captured]
+    scores = torch.cat([s.flatten(1) for s in per_site], 1)
+    tau = scores.kthvalue(int(0.6 * scores.shape[1] + 0.999999), dim=1, keepdim=True).values
+    agree = sum((site.view(pathway.keep) == (s > tau[:, :, None, None])).sum().item()
+                for site, s in zip(pathway.layout, per_site))
+    assert agree / pathway.keep.numel() > 0.9999
+    assert pathway.targets.tolist() == targets.tolist()
+
+
+def test_a_channels_last_model_explains_like_its_contiguous_copy(resnet18):
+    import copy
+
+    import numpy as np
+
+    x = torch.randn(2, 3, 64, 64)
+    contiguous = Explainer(resnet18).explain(x, [3, 5], sparsity=0.6)
+    model = copy.deepcopy(resnet18).to(memory_format=torch.channels_last)
+    channels_last = Explainer(model).explain(x.contiguous(memory_format=torch.channels_last), [3, 5], sparsity=0.6)
+    for a, b in zip(contiguous, channels_last):
+        assert abs(a.pathway["kept_neurons"] - b.pathway["kept_neurons"]) <= 1e-4 * a.pathway["total_neurons"]
+        assert np.corrcoef(a.attribution.ravel(), b.attribution.ravel())[0, 1] > 0.99
+        assert [s["top_channels"] for s in a.pathway["sites"]] == [s["top_channels"] for s in b.pathway["sites"]]
+
+
 def _assert_untouched(model, before_state, before_flags, training):
     after = model.state_dict()
     assert before_state.keys() == after.keys()

@@ -179,7 +179,12 @@ def test_the_spec_switches_preparation_off_and_rejects_a_malformed_entry(tmp_pat
 def test_the_frozen_predictor_agrees_with_the_eager_model_and_hands_other_shapes_to_it():
     loaded = load_model("synthetic_digits_cnn", predictor=True)
     assert isinstance(loaded.predictor, FrozenPredictor) and loaded.predictor.channels_last  # the CPU default
-    assert isinstance(loaded.module.features.block1[1], nn.BatchNorm2d)  # explanations: the trained model
+    assert isinstance(loaded.module.features.block1[1], nn.Identity)  # explanations: the prepared model
+    assert loaded.explains_prepared and loaded.explained_preparation == "5 BatchNorm(s) folded, channels_last"
+    as_trained = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(explain_prepared=False)),
+                            predictor=True)
+    assert isinstance(as_trained.module.features.block1[1], nn.BatchNorm2d)  # explained as trained
+    assert isinstance(as_trained.predictor, FrozenPredictor) and as_trained.explained_preparation == "none"
     x = torch.randn(4, 3, 112, 112)
     with torch.no_grad():
         assert _max_relative_error(loaded.predictor(x), loaded.module(x)) < 1e-4
@@ -188,8 +193,12 @@ def test_the_frozen_predictor_agrees_with_the_eager_model_and_hands_other_shapes
     assert load_model("synthetic_digits_cnn").predictor is None  # only the server asks for one
     eager = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(predict="eager")),
                        predictor=True)
-    assert not isinstance(eager.predictor, FrozenPredictor)
-    assert isinstance(eager.predictor.features.block1[1], nn.Identity)  # the prepared eager copy
+    assert eager.predictor is None  # predictions run the explained model, itself prepared
+    assert isinstance(eager.module.features.block1[1], nn.Identity)
+    eager_trained = load_model(get_spec("synthetic_digits_cnn").replace(
+        prepare=Preparation(predict="eager", explain_prepared=False)), predictor=True)
+    assert isinstance(eager_trained.predictor.features.block1[1], nn.Identity)  # a prepared eager copy
+    assert isinstance(eager_trained.module.features.block1[1], nn.BatchNorm2d)
 
 
 class BakedBatch(nn.Module):
@@ -222,6 +231,7 @@ def prepared_service():
 
 def test_explanations_and_predictions_are_unchanged_by_preparation(photos, unprepared_service, prepared_service):
     assert isinstance(prepared_service.predictor, FrozenPredictor)
+    assert prepared_service.preparation == "49 BatchNorm(s) folded, channels_last"  # explanations run it too
     images = [prepared_service.decode(path.read_bytes()) for path in photos.values()]
     options = [parse_options({})] * len(images)
     before = unprepared_service.explain(images, options, attribution_dtype=np.float32)
