@@ -74,10 +74,11 @@ GPU_CASES = [
 GPU_FULL_CASES = [Case(m, b) for m in ("efficientnet_lite0", "resnet50", "vgg16") for b in (1, 8, 16, 32, 64)]
 
 
-def load(name: str, device: torch.device):
-    """The real EfficientNet-Lite0; other architectures with random weights (same speed as trained ones)."""
+def load(name: str, device: torch.device, as_trained: bool = False):
+    """The real EfficientNet-Lite0; other architectures with random weights (same speed as trained ones).
+    Prepared for inference as the server loads it (handler.models.preparation) unless ``as_trained``."""
     spec = "efficientnet_lite0" if name == "efficientnet_lite0" else spec_for_architecture(name)
-    return load_model(spec, device=device).module.eval()
+    return load_model(spec, device=device, prepare=False if as_trained else None).module.eval()
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Timing:
 
 
 def run_case(case: Case, device: torch.device, args) -> dict:
-    model = load(case.model, device)
+    model = load(case.model, device, args.as_trained)
     torch.manual_seed(0)
     x = torch.randn(case.batch, 3, 224, 224, device=device)
     auto = torch.full((case.batch,), -1, device=device, dtype=torch.long)
@@ -196,7 +197,9 @@ def markdown(rows: list, info: dict, device: torch.device, args, wall_s: float, 
         "",
         f"Same model, batch and process; median of interleaved rounds after one warm-up. Sparsity {SPARSITY}, "
         "target = predicted class, 224x224 inputs; efficientnet_lite0 has its ImageNet weights, resnet50 and vgg16 "
-        "random ones (same speed). The ratio in brackets is the time over the vanilla gradient's (one forward + "
+        "random ones (same speed). "
+        + ("Models as trained (no inference preparation). " if args.as_trained else
+           "Models prepared as the server loads them (BatchNorm folded, channels-last on the CPU). ") + " The ratio in brackets is the time over the vanilla gradient's (one forward + "
         "one backward). Captum IG runs with `internal_batch_size` "
         f"{args.ig_internal_batch or (64 if device.type == 'cuda' else 16)}.",
         "",
@@ -269,7 +272,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-phases", action="store_true", help="skip the pathway's per-phase timings")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                         "on a shared machine 1 keeps other processes from stalling OpenMP barriers")
-    parser.add_argument("--stem", help="result file stem (default suite-<device>[-full])")
+    parser.add_argument("--stem", help="result file stem (default suite-<device>[-full][-as-trained])")
+    parser.add_argument("--as-trained", action="store_true",
+                        help="the models as trained, without the inference preparation the server applies")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "speed" / "results")
     args = parser.parse_args(argv)
     if args.threads:
@@ -316,7 +321,7 @@ def main(argv=None) -> None:
             info[package] = __import__(package).__version__
         except ImportError:
             info[package] = None
-    stem = args.stem or f"suite-{device.type}{'-full' if args.full else ''}"
+    stem = args.stem or f"suite-{device.type}{'-full' if args.full else ''}{'-as-trained' if args.as_trained else ''}"
     info["environment"] = {k: os.environ[k] for k in ENVIRONMENT if k in os.environ}
     payload = {"machine": info, "revision": git_revision(), "device": str(device), "sparsity": SPARSITY,
                "wall_s": wall, "load_average": {"start": load_start, "end": load_end},

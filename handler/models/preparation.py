@@ -30,10 +30,10 @@ same predicted classes (``benchmarks/speed/preparation.py`` measures it, and
 preparation, since it changes an explanation's bits (as a thread count or a pass
 shape does).
 
-For predictions only, a frozen TorchScript copy
-(:func:`torch.jit.optimize_for_inference`) can stand in for the eager model
-(:class:`FrozenPredictor`); explanations always run the eager model, whose
-activation calls the engine intercepts.
+Predictions run the same prepared eager model by default. For predictions only, a
+frozen TorchScript copy (:func:`torch.jit.optimize_for_inference`) can stand in for
+it (``predict: "frozen"``, :class:`FrozenPredictor`); explanations always run the
+eager model, whose activation calls the engine intercepts.
 """
 
 from __future__ import annotations
@@ -69,8 +69,11 @@ class Preparation:
     ``memory_format``: ``"auto"`` (:func:`memory_format_for`), ``"channels_last"`` or
     ``"contiguous"`` (the explained model and the predictions' copy alike).
     ``predict``: what serves ``/predictions``: ``"eager"`` (the prepared model),
-    ``"frozen"`` (a frozen TorchScript copy, checked against the eager model at load) or ``"auto"``
-    (frozen on the CPU, where benchmarks/speed/predict.py measured it faster; eager on a GPU, not measured).
+    ``"frozen"`` (a frozen TorchScript copy, checked against the eager model at load) or ``"auto"``: eager.
+    On the CPU the eager channels-last model is the fastest at a batch of 4 (0.43x the model as trained, the
+    frozen copy 0.65x, a stock trace 0.84x; within 15 % of the frozen copy at batch 1:
+    benchmarks/speed/results/predict-cpu.md), and with explanations on the prepared model it costs no
+    memory: predictions and explanations share the one module. On a GPU, not measured.
     ``explain_prepared``: explanations run the prepared model too (the default). An explanation's neuron
     threshold is sensitive to float rounding: folding and the memory format move a few near-tie neurons across
     it, as a change of thread count or pass shape does; on the sample photos the maps agree with the trained

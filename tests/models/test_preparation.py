@@ -176,29 +176,29 @@ def test_the_spec_switches_preparation_off_and_rejects_a_malformed_entry(tmp_pat
     assert load_model("synthetic_digits_cnn", predictor=True, prepare=False).predictor is None
 
 
-def test_the_frozen_predictor_agrees_with_the_eager_model_and_hands_other_shapes_to_it():
+def test_predictions_share_the_prepared_model_and_a_frozen_copy_is_there_on_request():
     loaded = load_model("synthetic_digits_cnn", predictor=True)
-    assert isinstance(loaded.predictor, FrozenPredictor) and loaded.predictor.channels_last  # the CPU default
-    assert isinstance(loaded.module.features.block1[1], nn.Identity)  # explanations: the prepared model
+    assert loaded.predictor is None  # the default: predictions run the explained model, itself prepared
+    assert isinstance(loaded.module.features.block1[1], nn.Identity)
+    assert loaded.module.features.block1[0].weight.is_contiguous(memory_format=torch.channels_last)  # CPU default
     assert loaded.explains_prepared and loaded.explained_preparation == "5 BatchNorm(s) folded, channels_last"
     as_trained = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(explain_prepared=False)),
                             predictor=True)
     assert isinstance(as_trained.module.features.block1[1], nn.BatchNorm2d)  # explained as trained
-    assert isinstance(as_trained.predictor, FrozenPredictor) and as_trained.explained_preparation == "none"
+    assert isinstance(as_trained.predictor.features.block1[1], nn.Identity)  # predictions: a prepared copy
+    assert as_trained.explained_preparation == "none"
+    assert load_model("synthetic_digits_cnn").predictor is None  # only the server asks for one
+
+
+def test_the_frozen_predictor_agrees_with_the_eager_model_and_hands_other_shapes_to_it():
+    loaded = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(predict="frozen")),
+                        predictor=True)
+    assert isinstance(loaded.predictor, FrozenPredictor) and loaded.predictor.channels_last  # the CPU's format
     x = torch.randn(4, 3, 112, 112)
     with torch.no_grad():
         assert _max_relative_error(loaded.predictor(x), loaded.module(x)) < 1e-4
         other = torch.randn(2, 3, 96, 96)
         assert _max_relative_error(loaded.predictor(other), loaded.module(other)) < 1e-4
-    assert load_model("synthetic_digits_cnn").predictor is None  # only the server asks for one
-    eager = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(predict="eager")),
-                       predictor=True)
-    assert eager.predictor is None  # predictions run the explained model, itself prepared
-    assert isinstance(eager.module.features.block1[1], nn.Identity)
-    eager_trained = load_model(get_spec("synthetic_digits_cnn").replace(
-        prepare=Preparation(predict="eager", explain_prepared=False)), predictor=True)
-    assert isinstance(eager_trained.predictor.features.block1[1], nn.Identity)  # a prepared eager copy
-    assert isinstance(eager_trained.module.features.block1[1], nn.BatchNorm2d)
 
 
 class BakedBatch(nn.Module):
@@ -230,7 +230,7 @@ def prepared_service():
 
 
 def test_explanations_and_predictions_are_unchanged_by_preparation(photos, unprepared_service, prepared_service):
-    assert isinstance(prepared_service.predictor, FrozenPredictor)
+    assert prepared_service.predictor is None  # predictions and explanations share the prepared model
     assert prepared_service.preparation == "49 BatchNorm(s) folded, channels_last"  # explanations run it too
     images = [prepared_service.decode(path.read_bytes()) for path in photos.values()]
     options = [parse_options({})] * len(images)
