@@ -417,8 +417,9 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
         x = example_input(spec.preprocessing.crop, device)
         prepared, report = prepare_model(model, settings, x)  # ``model`` itself when nothing is to change
         prepared.requires_grad_(False)
-        if predictor and settings.predict == "frozen":
-            serving = frozen_predictor(prepared, x, settings.predict_memory_format(prepared, device))
+        if predictor and (settings.predict == "frozen" or (settings.predict == "auto" and device.type == "cpu")):
+            serving = frozen_predictor(prepared, x, settings.predict_memory_format(prepared, device),
+                                       largest_batch=1 if settings.predict == "auto" else None)
         if predictor and serving is None and prepared is not model and not settings.explain_prepared:
             serving = prepared
         if settings.explain_prepared:

@@ -30,10 +30,10 @@ same predicted classes (``benchmarks/speed/preparation.py`` measures it, and
 preparation, since it changes an explanation's bits (as a thread count or a pass
 shape does).
 
-Predictions run the same prepared eager model by default. For predictions only, a
-frozen TorchScript copy (:func:`torch.jit.optimize_for_inference`) can stand in for
-it (``predict: "frozen"``, :class:`FrozenPredictor`); explanations always run the
-eager model, whose activation calls the engine intercepts.
+Predictions run the same prepared eager model, except a lone image on the CPU,
+which a frozen TorchScript copy (:func:`torch.jit.optimize_for_inference`,
+:class:`FrozenPredictor`) predicts faster; explanations always run the eager model,
+whose activation calls the engine intercepts.
 """
 
 from __future__ import annotations
@@ -69,11 +69,12 @@ class Preparation:
     ``memory_format``: ``"auto"`` (:func:`memory_format_for`), ``"channels_last"`` or
     ``"contiguous"`` (the explained model and the predictions' copy alike).
     ``predict``: what serves ``/predictions``: ``"eager"`` (the prepared model),
-    ``"frozen"`` (a frozen TorchScript copy, checked against the eager model at load) or ``"auto"``: eager.
-    On the CPU the eager channels-last model is the fastest at a batch of 4 (0.43x the model as trained, the
-    frozen copy 0.65x, a stock trace 0.84x; within 15 % of the frozen copy at batch 1:
-    benchmarks/speed/results/predict-cpu.md), and with explanations on the prepared model it costs no
-    memory: predictions and explanations share the one module. On a GPU, not measured.
+    ``"frozen"`` (a frozen TorchScript copy, checked against the eager model at load, for every batch) or
+    ``"auto"``: on the CPU the frozen copy for a batch of one and the eager model for larger batches, on a GPU
+    the eager model. Measured (benchmarks/speed/results/predict-cpu.md, 2 threads): at a batch of one the
+    frozen copy takes 0.67x the trained model's forward and the eager channels-last model 0.77x (its Python
+    module calls), at a batch of four the eager model 0.43x and the frozen copy 0.65x. The eager model is the
+    one explanations run, so only the frozen copy costs memory. On a GPU, not measured.
     ``explain_prepared``: explanations run the prepared model too (the default). An explanation's neuron
     threshold is sensitive to float rounding: folding and the memory format move a few near-tie neurons across
     it, as a change of thread count or pass shape does; on the sample photos the maps agree with the trained
@@ -348,11 +349,14 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
 class FrozenPredictor(nn.Module):
     """A frozen TorchScript copy of a prepared model, for predictions only (its activation calls cannot be
     intercepted, so explanations never use it), traced in ``memory_format`` (channels-last: the input is laid
-    out so too). Inputs of another shape than the one it was traced with go to the eager model."""
+    out so too). Inputs of another shape than the one it was traced with, and batches above ``largest_batch``
+    (None: no limit), go to the eager model."""
 
-    def __init__(self, eager: nn.Module, x: torch.Tensor, memory_format: str = "contiguous"):
+    def __init__(self, eager: nn.Module, x: torch.Tensor, memory_format: str = "contiguous",
+                 largest_batch: Optional[int] = None):
         super().__init__()
         self.shape = tuple(x.shape[1:])
+        self.largest_batch = largest_batch
         self.channels_last = memory_format == "channels_last"
         copied = copy.deepcopy(eager)
         set_memory_format(copied, memory_format)
@@ -365,17 +369,17 @@ class FrozenPredictor(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.shape:
+        if tuple(x.shape[1:]) != self.shape or (self.largest_batch is not None and x.shape[0] > self.largest_batch):
             return self.eager[0](x)
         return self.frozen(self._layout(x))
 
 
-def frozen_predictor(eager: nn.Module, x: torch.Tensor,
-                     memory_format: str = "contiguous") -> Optional[FrozenPredictor]:
+def frozen_predictor(eager: nn.Module, x: torch.Tensor, memory_format: str = "contiguous",
+                     largest_batch: Optional[int] = None) -> Optional[FrozenPredictor]:
     """A :class:`FrozenPredictor`, checked against the eager model at batch 1 and 3; None when it cannot be
     built or does not agree (predictions then use the eager model)."""
     try:
-        predictor = FrozenPredictor(eager, x[:1], memory_format)
+        predictor = FrozenPredictor(eager, x[:1], memory_format, largest_batch)
         with torch.no_grad():
             for batch in (1, 3):
                 probe = x[:1].expand(batch, *x.shape[1:]).clone() + 0.1 * torch.arange(

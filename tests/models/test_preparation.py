@@ -176,16 +176,26 @@ def test_the_spec_switches_preparation_off_and_rejects_a_malformed_entry(tmp_pat
     assert load_model("synthetic_digits_cnn", predictor=True, prepare=False).predictor is None
 
 
-def test_predictions_share_the_prepared_model_and_a_frozen_copy_is_there_on_request():
+def test_predictions_share_the_prepared_model_except_a_lone_image_on_the_cpu():
     loaded = load_model("synthetic_digits_cnn", predictor=True)
-    assert loaded.predictor is None  # the default: predictions run the explained model, itself prepared
+    # the CPU default: a frozen copy for a batch of one, the explained (prepared) model for larger batches
+    assert isinstance(loaded.predictor, FrozenPredictor) and loaded.predictor.largest_batch == 1
+    assert loaded.predictor.eager[0] is loaded.module
+    calls = []
+    hook = loaded.module.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        loaded.predictor(torch.randn(1, 3, 112, 112))
+        assert calls == []  # the frozen copy
+        loaded.predictor(torch.randn(4, 3, 112, 112))
+        assert calls == [1]  # the eager model
+    hook.remove()
     assert isinstance(loaded.module.features.block1[1], nn.Identity)
     assert loaded.module.features.block1[0].weight.is_contiguous(memory_format=torch.channels_last)  # CPU default
     assert loaded.explains_prepared and loaded.explained_preparation == "5 BatchNorm(s) folded, channels_last"
     as_trained = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(explain_prepared=False)),
                             predictor=True)
     assert isinstance(as_trained.module.features.block1[1], nn.BatchNorm2d)  # explained as trained
-    assert isinstance(as_trained.predictor.features.block1[1], nn.Identity)  # predictions: a prepared copy
+    assert isinstance(as_trained.predictor.eager[0].features.block1[1], nn.Identity)  # predictions: a prepared copy
     assert as_trained.explained_preparation == "none"
     assert load_model("synthetic_digits_cnn").predictor is None  # only the server asks for one
 
@@ -194,6 +204,7 @@ def test_the_frozen_predictor_agrees_with_the_eager_model_and_hands_other_shapes
     loaded = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(predict="frozen")),
                         predictor=True)
     assert isinstance(loaded.predictor, FrozenPredictor) and loaded.predictor.channels_last  # the CPU's format
+    assert loaded.predictor.largest_batch is None  # every batch
     x = torch.randn(4, 3, 112, 112)
     with torch.no_grad():
         assert _max_relative_error(loaded.predictor(x), loaded.module(x)) < 1e-4
@@ -230,7 +241,7 @@ def prepared_service():
 
 
 def test_explanations_and_predictions_are_unchanged_by_preparation(photos, unprepared_service, prepared_service):
-    assert prepared_service.predictor is None  # predictions and explanations share the prepared model
+    assert prepared_service.predictor.eager[0] is prepared_service.explainer.model  # one prepared model
     assert prepared_service.preparation == "49 BatchNorm(s) folded, channels_last"  # explanations run it too
     images = [prepared_service.decode(path.read_bytes()) for path in photos.values()]
     options = [parse_options({})] * len(images)
