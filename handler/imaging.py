@@ -343,7 +343,7 @@ def gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
 
     The two matrix products run in torch, on the engine's thread pool: NumPy's OpenBLAS keeps its own
     threads spinning after a product, and on a worker with as many torch threads as cores they took the
-    cores from the next explanation (it ran at half speed: benchmarks/speed/README.md)."""
+    cores from the next explanation (benchmarks/speed/README.md, "Figures the code relies on")."""
     values = np.asarray(values, dtype=np.float32)
     if sigma <= 0:
         return values.copy()

@@ -121,10 +121,13 @@ class Server:
         return self.proc.returncode if self.proc else 0
 
 
-def build_test_archive(store: Path, *, batch_size: int = 4, max_batch_delay: int = 300, **worker) -> Path:
-    """The default model's archive with a batching window wide enough for concurrent test clients to share."""
+def build_test_archive(store: Path, *, batch_size: int = 4, max_batch_delay: int = 300, workers: int = 1,
+                       **worker) -> Path:
+    """The default model's archive with a batching window wide enough for concurrent test clients to share, and
+    one worker (so concurrent requests meet in its batches, which the tests observe)."""
     from handler.models import get_spec
     from handler.serving.archive import DEFAULT_WORKER_CONFIG, build_archive
 
-    worker = dict(DEFAULT_WORKER_CONFIG, batchSize=batch_size, maxBatchDelay=max_batch_delay, **worker)
+    worker = dict(DEFAULT_WORKER_CONFIG, batchSize=batch_size, maxBatchDelay=max_batch_delay, minWorkers=workers,
+                  maxWorkers=workers, **worker)
     return build_archive(get_spec("efficientnet_lite0"), store, worker_config=worker)

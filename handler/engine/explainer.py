@@ -76,7 +76,7 @@ class ValidRequest(ExplainRequest):
 DEFAULT_PASS_BATCH = "auto"
 
 #: ``"auto"``'s pass shape per device kind. On the CPU one sample per pass: a lone request then pays no
-#: padding (a pass of 4 costs it 2.4x), while a full batch of 4 costs 1.3-1.6x what one pass of 4 would
+#: padding, which costs it far more than a full batch loses by running one sample at a time
 #: (benchmarks/speed/results/reproducibility-cpu.md). On a GPU a pass of 4 costs about what a pass of 1
 #: does, so full batches share the device (not measured here).
 AUTO_PASS_BATCH = {"cpu": 1}
@@ -257,7 +257,8 @@ class Explainer:
         """Softmax probabilities ``[B, K]`` of the full network (no gradients), in eval mode.
 
         Only the modules in training mode are switched (and switched back): ``model.eval()``/``train()`` walk
-        every module, which cost a served prediction of EfficientNet-Lite0 a fifth of its forward."""
+        every module through ``nn.Module.__setattr__``, a visible share of a served prediction of a small
+        model (as for :func:`explaining`)."""
         training = [m for m in self.model.modules() if m.training]
         try:
             for m in training:

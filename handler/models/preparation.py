@@ -71,10 +71,10 @@ class Preparation:
     ``predict``: what serves ``/predictions``: ``"eager"`` (the prepared model),
     ``"frozen"`` (a frozen TorchScript copy, checked against the eager model at load, for every batch) or
     ``"auto"``: on the CPU the frozen copy for a batch of one and the eager model for larger batches, on a GPU
-    the eager model. Measured (benchmarks/speed/results/predict-cpu.md, 2 threads): at a batch of one the
-    frozen copy takes 0.67x the trained model's forward and the eager channels-last model 0.77x (its Python
-    module calls), at a batch of four the eager model 0.43x and the frozen copy 0.65x. The eager model is the
-    one explanations run, so only the frozen copy costs memory. On a GPU, not measured.
+    the eager model. Chosen by measurement (benchmarks/speed/results/predict-cpu.md): at a batch of one the
+    frozen copy is the fastest (the eager model pays for its Python module calls), at a batch of four the
+    eager channels-last model is, by far. The eager model is the one explanations run, so only the frozen
+    copy costs memory. On a GPU, not measured.
     ``explain_prepared``: explanations run the prepared model too (the default). An explanation's neuron
     threshold is sensitive to float rounding: folding and the memory format move a few near-tie neurons across
     it, as a change of thread count or pass shape does; on the sample photos the maps agree with the trained

@@ -29,10 +29,13 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ENTRY = Path(__file__).resolve().parent / "ts_entry" / "pathway_handler.py"
 DEFAULT_STORE = PACKAGE_DIR.parent / "model_store"
 
-#: Worker/batching defaults written into model-config.yaml (overridable by flags).
+#: Worker/batching defaults written into model-config.yaml (overridable by flags). Two workers, each with its
+#: share of the cores (``pathway.torch_threads: auto``): one decodes and encodes while the other computes, and
+#: under load they serve more than one worker with every core (benchmarks/speed/README.md, "Workers and
+#: threads"); a lone request takes about as long either way.
 DEFAULT_WORKER_CONFIG = {
-    "minWorkers": 1,
-    "maxWorkers": 1,
+    "minWorkers": 2,
+    "maxWorkers": 2,
     "batchSize": 4,
     "maxBatchDelay": 20,
     "responseTimeout": 600,

@@ -26,7 +26,7 @@ def zoo_server(tmp_path_factory):
     from handler.serving.archive import DEFAULT_WORKER_CONFIG, build_archive
 
     store = tmp_path_factory.mktemp("zoo_store")
-    worker = dict(DEFAULT_WORKER_CONFIG, batchSize=CLIENTS, maxBatchDelay=1000)
+    worker = dict(DEFAULT_WORKER_CONFIG, batchSize=CLIENTS, maxBatchDelay=1000, minWorkers=1, maxWorkers=1)
     for name, architecture in ARCHITECTURES.items():
         spec = spec_for_architecture(architecture, name=name, preprocessing=Preprocessing(resize=160, crop=160))
         build_archive(spec, store, worker_config=worker)

@@ -29,4 +29,5 @@ def test_the_archive_writes_the_thread_settings_into_model_config(tmp_path):
     config = yaml.safe_load((tmp_path / "stage" / "model-config.yaml").read_text())
     assert config["pathway"]["torch_threads"] == "auto"
     assert config["pathway"]["torch_interop_threads"] == "auto"
-    assert worker_threads(config["pathway"], config) == (CORES // config["maxWorkers"], 1)
+    assert config["minWorkers"] == config["maxWorkers"] == 2
+    assert worker_threads(config["pathway"], config) == (max(1, CORES // 2), 1)
