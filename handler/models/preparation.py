@@ -321,11 +321,11 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
         return model, report
     from ..engine.sites import trace_sites  # the one place that instruments a model
 
-    with torch.no_grad():
-        reference = model(x).float()
-    layout = trace_sites(model, x)
-    prepared = copy.deepcopy(model)
     try:
+        with torch.no_grad():
+            reference = model(x).float()
+        layout = trace_sites(model, x)  # a model the engine cannot instrument is served as it is: its
+        prepared = copy.deepcopy(model)  # explanations then say why, per image
         if settings.fold_batchnorm:
             report.folded = fold_batchnorms(prepared)
         fmt = settings.memory_format

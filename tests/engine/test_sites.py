@@ -49,26 +49,33 @@ def test_mobilenet_v2_relu6_sites():
     assert explanation.notes == []
 
 
-def test_resnet18_contributions_match_a_hook_based_reference(resnet18):
-    """Scores from call-site interception equal those from forward hooks on a non-in-place copy."""
+def hooked_relu_scores(model, x, second_target: int) -> tuple:
+    """``|a ⊙ ∂logit/∂a|`` at every ReLU module's output, from forward hooks on a non-in-place copy of ``model``
+    (sample 0's target: its predicted class; sample 1's: ``second_target``); returns (per-site scores,
+    targets)."""
     import copy
 
-    from handler.engine.pathways import SELECTIONS
-
-    x = torch.randn(2, 3, 64, 64)
-    pathway = SELECTIONS.get("contribution")(resnet18, x, torch.tensor([-1, 5]), [0.6, 0.6])
-
-    reference = copy.deepcopy(resnet18)
+    reference = copy.deepcopy(model)
     captured = []
     for m in reference.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False
             m.register_forward_hook(lambda _m, _i, out: captured.append(out) or out.retain_grad())
-    x_ref = x.clone()
-    logits = reference(x_ref)
-    targets = torch.tensor([logits[0].argmax().item(), 5])
+    logits = reference(x.clone())
+    targets = torch.tensor([logits[0].argmax().item(), second_target])
     logits.gather(1, targets[:, None]).sum().backward()
-    scores = torch.cat([(a * a.grad).abs().flatten(1) for a in captured], 1)
+    return [(a * a.grad).abs() for a in captured], targets
+
+
+def test_resnet18_contributions_match_a_hook_based_reference(resnet18):
+    """Scores from call-site interception equal those from forward hooks on a non-in-place copy."""
+    from handler.engine.pathways import SELECTIONS
+
+    x = torch.randn(2, 3, 64, 64)
+    pathway = SELECTIONS.get("contribution")(resnet18, x, torch.tensor([-1, 5]), [0.6, 0.6])
+
+    per_site, targets = hooked_relu_scores(resnet18, x, 5)
+    scores = torch.cat([s.flatten(1) for s in per_site], 1)
     k = int(0.6 * scores.shape[1] + 0.999999)
     tau = scores.kthvalue(k, dim=1, keepdim=True).values
     expected = scores > tau
@@ -97,16 +104,7 @@ def test_a_channels_last_model_gets_channels_last_sites_with_the_same_pathway(re
         assert view.shape[1:] == site.shape and view.stride()[1:] == (1, w * c, c)  # each sample NHWC in memory
         assert torch.equal(site.flat(site.view(numbered)), numbered[:, site.offset:site.offset + site.numel])
 
-    reference = copy.deepcopy(model)
-    captured = []
-    for m in reference.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
-            m.register_forward_hook(lambda _m, _i, out: captured.append(out) or out.retain_grad())
-    logits = reference(x.clone())
-    targets = torch.tensor([logits[0].argmax().item(), 5])
-    logits.gather(1, targets[:, None]).sum().backward()
-    per_site = [(a * a.grad).abs() for a in captured]
+    per_site, targets = hooked_relu_scores(model, x, 5)
     scores = torch.cat([s.flatten(1) for s in per_site], 1)
     tau = scores.kthvalue(int(0.6 * scores.shape[1] + 0.999999), dim=1, keepdim=True).values
     agree = sum((site.view(pathway.keep) == (s > tau[:, :, None, None])).sum().item()

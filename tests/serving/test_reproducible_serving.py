@@ -41,6 +41,6 @@ def test_concurrent_answers_have_the_bits_of_the_photo_sent_alone_and_verify(ser
     document = tmp_path / "coffee.json"
     document.write_text(json.dumps(alone["coffee"]))
     assert cli_run(["--verify", str(document), str(photos["coffee"]), "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.strip().endswith("pass shape 4")
+    assert "pass shape 1 on " in capsys.readouterr().out  # "auto" on the CPU, at the worker's threads
     assert cli_run(["--verify", str(document), str(photos["chelsea"]), "--device", "cpu"]) == 1
     assert "differs (image" in capsys.readouterr().err
