@@ -5,18 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+SUITE_THREADS = max(1, min(4, os.cpu_count() or 1))
+torch.set_num_threads(SUITE_THREADS)
 
 
 @pytest.fixture(autouse=True)
-def _torch_threads_restored():
-    """Every test starts at the suite's thread count. A test that initialises a TorchServe handler in process sets
-    the worker's threads for the whole process (model-config.yaml's auto: the cores shared among its workers),
-    and an explanation's bits depend on the thread count."""
-    before = torch.get_num_threads()
+def _suite_threads():
+    """Every test runs at the suite's thread count. Initialising a TorchServe handler in process (a module-scoped
+    fixture, set up before this one) sets the worker's share of the cores for the whole process
+    (model-config.yaml's auto), and an explanation's bits depend on the thread count."""
+    torch.set_num_threads(SUITE_THREADS)
     yield
-    if torch.get_num_threads() != before:
-        torch.set_num_threads(before)
+    torch.set_num_threads(SUITE_THREADS)
 
 
 @pytest.fixture(scope="session")
