@@ -28,8 +28,8 @@ from torch import nn
 from ..engine import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, InputNormalisation, resolve_pass_batch
 from ..errors import UnknownModel
 from ..provenance import state_dict_sha256
-from .preparation import UNPREPARED, Preparation, PreparationError, PreparationReport, example_input, \
-    frozen_predictor, prepare_model
+from .preparation import UNPREPARED, FrozenPredictor, Preparation, PreparationError, PreparationReport, \
+    example_input, frozen_predictor, prepare_model
 
 SPEC_DIR = Path(__file__).parent
 logger = logging.getLogger(__name__)
@@ -426,9 +426,19 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
             model = prepared
             explains_prepared = prepared is not model_as_trained
         logger.info("model %s prepared for inference: %s; predictions: %s; explanations: %s model", spec.name,
-                    report.summary(), type(serving).__name__ if serving is not None else "the explained model",
+                    report.summary(), _describe_predictor(serving),
                     "the prepared" if settings.explain_prepared and not report.reverted else "the trained")
     return LoadedModel(spec, model, labels, label_aliases(spec), weights_sha256, report, serving, explains_prepared)
+
+
+def _describe_predictor(serving: Optional[nn.Module]) -> str:
+    if serving is None:
+        return "the explained model"
+    if isinstance(serving, FrozenPredictor):
+        if serving.largest_batch is None:
+            return "a frozen TorchScript copy"
+        return f"a frozen TorchScript copy up to {serving.largest_batch} image(s), the eager prepared model above"
+    return "a prepared copy"
 
 
 def file_sha256(path: Path) -> str:
