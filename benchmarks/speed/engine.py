@@ -42,7 +42,8 @@ def worker(args) -> None:
 
     device = torch.device(args.device)
     options = argparse.Namespace(methods=("vanilla", "pathway", "explainer"), repeat=args.repeat,
-                                 seconds_per_method=args.seconds, ig_internal_batch=None, no_phases=True)
+                                 seconds_per_method=args.seconds, ig_internal_batch=None, no_phases=True,
+                                 as_trained=False)  # the models prepared as the server loads them
     rows = []
     for name, batch in _cases(args):
         rows.append(run.run_case(run.Case(name, batch, ("vanilla", "pathway", "explainer")), device, options))
@@ -90,6 +91,7 @@ def main() -> None:
         "",
         f"Machine: {info.get('gpu', info['cpu'])}; {info['cpu_count']} CPU cores, torch {info['torch']} "
         f"({info['torch_threads']} threads); revision {git_revision()}; load average {load:.1f} at the end.",
+        "Models prepared as the server loads them (BatchNorm folded, channels-last on the CPU). "
         "Same model, batch and process; medians of interleaved rounds after a warm-up. Sparsity 0.7, target = the "
         "predicted class. Ratio = time / one vanilla gradient (forward + backward to the input).",
     ]
