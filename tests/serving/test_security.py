@@ -222,3 +222,11 @@ def test_server_environment_retains_the_heap_only_when_asked(tmp_path):
     assert {k: env[k] for k in RETAINED_HEAP} == RETAINED_HEAP
     own = server_environment({"PATHWAY_RETAIN_HEAP": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}, tmp_path)
     assert own["MALLOC_MMAP_THRESHOLD_"] == "65536"  # an operator's own setting wins
+
+
+def test_workers_start_with_one_openblas_thread_unless_the_operator_says_otherwise(tmp_path):
+    """NumPy's OpenBLAS threads keep spinning after a product and take the cores from the worker's torch threads."""
+    from handler.serving.launcher import server_environment
+
+    assert server_environment({"PATH": "/bin"}, tmp_path)["OPENBLAS_NUM_THREADS"] == "1"
+    assert server_environment({"OPENBLAS_NUM_THREADS": "4"}, tmp_path)["OPENBLAS_NUM_THREADS"] == "4"
