@@ -121,24 +121,33 @@ class Explanation:
 
 
 @contextlib.contextmanager
-def explaining(model: nn.Module) -> Iterator[None]:
-    """Eval mode, frozen parameters and autograd on, for the duration; the model's own state comes back after."""
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; the modules that were training train again after."""
     # Only what needs changing is changed (and restored): model.eval()/train() walk every module through
     # nn.Module.__setattr__, a visible share of a small model's gradient (benchmarks/speed/README.md).
     training = [m for m in model.modules() if m.training]
-    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
         for m in training:
             m.training = False
-        for p in trainable:
-            p.requires_grad_(False)
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
+        yield
     finally:
-        for p in trainable:
-            p.requires_grad_(True)
         for m in training:
             m.training = True
+
+
+@contextlib.contextmanager
+def explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode, frozen parameters and autograd on, for the duration; the model's own state comes back after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with evaluating(model):
+        try:
+            for p in trainable:
+                p.requires_grad_(False)
+            with torch.inference_mode(False), torch.enable_grad():
+                yield
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
 
 
 class Explainer:
@@ -254,20 +263,9 @@ class Explainer:
     # -- inference ----------------------------------------------------------
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities ``[B, K]`` of the full network (no gradients), in eval mode.
-
-        Only the modules in training mode are switched (and switched back): ``model.eval()``/``train()`` walk
-        every module through ``nn.Module.__setattr__``, a visible share of a served prediction of a small
-        model (as for :func:`explaining`)."""
-        training = [m for m in self.model.modules() if m.training]
-        try:
-            for m in training:
-                m.training = False
-            with torch.inference_mode():
-                return self.model(x.to(self.device)).float().softmax(dim=1)
-        finally:
-            for m in training:
-                m.training = True
+        """Softmax probabilities ``[B, K]`` of the full network (no gradients), in eval mode."""
+        with evaluating(self.model), torch.inference_mode():
+            return self.model(x.to(self.device)).float().softmax(dim=1)
 
     def explain(
         self,

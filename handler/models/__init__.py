@@ -373,7 +373,7 @@ class LoadedModel:
     def explained_preparation(self) -> str:
         """What was done to the explained model, for the provenance record: ``"none"`` or the report's summary
         (the preparation changes an explanation's bits, as a thread count or a pass shape does)."""
-        if not self.explains_prepared or self.preparation.reverted or not self.preparation.changed:
+        if not self.explains_prepared or not self.preparation.changed:
             return "none"
         return self.preparation.summary()
 
@@ -412,19 +412,18 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
     settings = UNPREPARED if prepare is False else spec.prepare
     device = torch.device(device)
     report, serving = PreparationReport(), None
-    model_as_trained, explains_prepared = model, False
+    explains_prepared = False
     if settings != UNPREPARED and (predictor or settings.explain_prepared):
         x = example_input(spec.preprocessing.crop, device)
         prepared, report = prepare_model(model, settings, x)  # ``model`` itself when nothing is to change
         prepared.requires_grad_(False)
         if predictor and (settings.predict == "frozen" or (settings.predict == "auto" and device.type == "cpu")):
-            serving = frozen_predictor(prepared, x, settings.predict_memory_format(prepared, device),
+            serving = frozen_predictor(prepared, x, settings.resolved_memory_format(prepared, device),
                                        largest_batch=1 if settings.predict == "auto" else None)
         if predictor and serving is None and prepared is not model and not settings.explain_prepared:
             serving = prepared
         if settings.explain_prepared:
-            model = prepared
-            explains_prepared = prepared is not model_as_trained
+            explains_prepared, model = prepared is not model, prepared
         logger.info("model %s prepared for inference: %s; predictions: %s; explanations: %s model", spec.name,
                     report.summary(), _describe_predictor(serving),
                     "the prepared" if settings.explain_prepared and not report.reverted else "the trained")

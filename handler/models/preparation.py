@@ -112,7 +112,8 @@ class Preparation:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def predict_memory_format(self, model: nn.Module, device: torch.device) -> str:
+    def resolved_memory_format(self, model: nn.Module, device: torch.device) -> str:
+        """The memory format the prepared model (and the predictions' frozen copy) gets on ``device``."""
         if self.memory_format == "auto":
             return memory_format_for(model, device)
         return self.memory_format
@@ -328,9 +329,7 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
         prepared = copy.deepcopy(model)  # explanations then say why, per image
         if settings.fold_batchnorm:
             report.folded = fold_batchnorms(prepared)
-        fmt = settings.memory_format
-        if fmt == "auto":
-            fmt = memory_format_for(prepared, x.device)
+        fmt = settings.resolved_memory_format(prepared, x.device)
         set_memory_format(prepared, fmt)
         report.memory_format = fmt
         with torch.no_grad():
