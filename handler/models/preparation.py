@@ -120,7 +120,8 @@ class Preparation:
 
     @property
     def changes_model(self) -> bool:
-        return self.fold_batchnorm or self.memory_format == "channels_last"
+        """Whether preparing may change the model (``auto`` may choose channels-last)."""
+        return self.fold_batchnorm or self.memory_format != "contiguous"
 
 
 #: No preparation: the model as built and loaded.

@@ -281,3 +281,12 @@ def test_auto_memory_format_is_channels_last_for_convolutions_on_the_cpu_only():
     assert memory_format_for(convolutional, torch.device("cpu")) == "channels_last"
     assert memory_format_for(convolutional, torch.device("cuda")) == "contiguous"  # not measured on a GPU
     assert memory_format_for(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), torch.device("cpu")) == "contiguous"
+
+
+def test_auto_memory_format_applies_without_folding():
+    """``fold_batchnorm: false`` leaves the BatchNorms but ``memory_format: auto`` still lays the explained model out
+    channels-last on the CPU (and it says so in its provenance)."""
+    loaded = load_model(get_spec("synthetic_digits_cnn").replace(prepare=Preparation(fold_batchnorm=False)))
+    assert isinstance(loaded.module.features.block1[1], nn.BatchNorm2d)
+    assert loaded.module.features.block1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert loaded.explained_preparation == "0 BatchNorm(s) folded, channels_last"
