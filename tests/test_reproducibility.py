@@ -206,12 +206,11 @@ def test_random_weights_are_identified_by_their_state_dict_including_zero_dim_bu
 def test_verify_recomputes_with_the_recorded_thread_count(lite0_service, coffee):
     """A CPU kernel splits its reductions by thread, so the bits depend on the thread count (a server worker runs
     with its own, model-config.yaml's torch_threads): the record names it and verify recomputes with it."""
+    from handler.service import cpu_threads
+
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         [result] = lite0_service.explain_images([coffee])
-    finally:
-        torch.set_num_threads(before)
     document = json.loads(json.dumps(result.inline()))
     assert document["provenance"]["torch_threads"] == 1
     verified = lite0_service.verify(document, coffee)

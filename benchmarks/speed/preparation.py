@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import git_revision, machine, write_results  # noqa: E402
 from handler import ExplanationService  # noqa: E402
 from handler.models import load_model  # noqa: E402
+from handler.service import cpu_threads  # noqa: E402
 from handler.samples import SAMPLE_PHOTOS, sample_dir, sample_photo  # noqa: E402
 
 #: scikit-image's other colour photographs (never used to tune anything here).
@@ -69,11 +70,8 @@ def main() -> None:
     for name, path in photos():
         data = path.read_bytes()
         a, b, c = explain(trained, data), explain(prepared, data), explain(passes_of_4, data)
-        torch.set_num_threads(1)
-        try:
+        with cpu_threads(1):
             d = explain(trained, data)
-        finally:
-            torch.set_num_threads(threads)
         shown = [r.document for r in (a, b)]
         rows.append({
             "photo": name,

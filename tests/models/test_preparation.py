@@ -245,10 +245,10 @@ def two_threads():
     """The neuron threshold is sensitive to float rounding, so a map's near-tie neurons depend on the thread count
     as on the preparation (the trained model alone at 1 thread instead of 2: Pearson 0.84 on the astronaut).
     The comparison is made at one fixed count, this 2-core machine's default."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    from handler.service import cpu_threads
+
+    with cpu_threads(2):
+        yield
 
 
 def test_explanations_and_predictions_are_unchanged_by_preparation(photos, unprepared_service, prepared_service,
