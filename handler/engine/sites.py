@@ -92,6 +92,14 @@ class _Activation:
             return "relu6" if (lo, hi) == (0.0, 6.0) else "hardtanh"
         return self.kind
 
+    def clamp_bounds(self, args, kwargs) -> Optional[tuple]:
+        """``(min, max)`` of a call that clamps its input (ReLU6, Hardtanh); None for other activations."""
+        if self.kind == "relu6":
+            return 0.0, 6.0
+        if self.kind == "hardtanh":
+            return float(_arg(args, kwargs, 1, "min_val", -1.0)), float(_arg(args, kwargs, 2, "max_val", 1.0))
+        return None
+
     def inplace(self, args, kwargs) -> bool:
         if self.always_inplace:
             return True
@@ -251,13 +259,17 @@ class SiteCall:
     tensors, and the interceptor hands the network the original shape back.
     """
 
-    __slots__ = ("site", "input", "inplace", "_func", "_args", "_kwargs", "_regroup", "_input_is_view")
+    __slots__ = ("site", "input", "inplace", "_func", "_args", "_kwargs", "_regroup", "_input_is_view", "_clamp")
 
-    def __init__(self, site: Site, func, args, kwargs, inplace: bool, regroup: Optional[tuple] = None):
+    def __init__(self, site: Site, func, args, kwargs, inplace: bool, regroup: Optional[tuple] = None,
+                 clamp: Optional[tuple] = None):
         self.site = site
         self.inplace = inplace
         self._func, self._args, self._kwargs = func, args, kwargs
         self._regroup = regroup  # (B, *per-sample shape) of a folded call
+        # (min, max) of an in-place clamp (ReLU6, Hardtanh) whose output the model never modifies later: it may
+        # run as :class:`_InPlaceClamp` (see :meth:`run`)
+        self._clamp = clamp if inplace else None
         self._input_is_view = True
         if regroup is None:
             self.input: torch.Tensor = args[0]
@@ -281,6 +293,8 @@ class SiteCall:
         """The activation as the model called it (in place if it asked for that, unless ``out_of_place``)."""
         if self.inplace and (out_of_place or not self.may_modify_input):
             out = self._func(self._args[0].clone(), *self._args[1:], **self._kwargs)
+        elif self._clamp is not None and self._args[0].requires_grad and torch.is_grad_enabled():
+            out = _InPlaceClamp.apply(self._args[0], *self._clamp)
         else:
             out = self._func(*self._args, **self._kwargs)
         return out if self._regroup is None else self._per_sample(out)
@@ -299,6 +313,33 @@ class SiteCall:
         return self._per_sample(out)
 
 
+class _InPlaceClamp(torch.autograd.Function):
+    """An in-place clamp to ``[min, max]`` (ReLU6, Hardtanh) recorded by autograd without a copy of its input.
+
+    torch's own ``hardtanh_`` keeps a copy of its input for the backward (a full
+    pass and the activation's size in memory at every site, per pass); the
+    gradient needs only which outputs lie strictly inside ``(min, max)``, and
+    for a clamp that is the same set as for its input. So this keeps the output
+    and calls torch's own ``hardtanh_backward`` with it: the same kernel on a
+    tensor whose comparisons come out the same, hence the same gradient bits.
+    Only for outputs the model never modifies later (:attr:`Site.overwritten`
+    is false): a later in-place change would invalidate the kept output.
+    """
+
+    @staticmethod
+    def forward(ctx, x, low, high):
+        torch._C._nn.hardtanh_(x, low, high)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        ctx.bounds = (low, high)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, out, *ctx.bounds), None, None
+
+
 #: A site transform runs one call (``call.run()``) and returns the tensor the rest of the network continues with.
 SiteTransform = Callable[[SiteCall], torch.Tensor]
 
@@ -312,6 +353,7 @@ class _SiteInterceptor(TorchFunctionMode):
         self.expected = expected
         self.batch = batch  # None: every call's leading dimension is taken as the batch
         self.survey = survey
+        self._outputs_known = survey is not None or expected is not None
         self.sites: list = []
         self._offset = 0
 
@@ -349,10 +391,12 @@ class _SiteInterceptor(TorchFunctionMode):
         _LAST_CALL.where = f"activation site {site.name!r} ({_op_name(func)}, {batch_kind}, shape {list(full)})"
         if batch_kind == BATCH_SHARED:  # not selectable: runs as the model asked, no transform sees it
             return func(*args, **kwargs)
+        # Whether the model overwrites the output later is known only from a survey or an expected layout.
+        clamp = activation.clamp_bounds(args, kwargs) if self._outputs_known and not site.overwritten else None
         if batch_kind == BATCH_FOLDED:
-            call = SiteCall(site, func, args, kwargs, activation.inplace(args, kwargs), (self.batch, *shape))
+            call = SiteCall(site, func, args, kwargs, activation.inplace(args, kwargs), (self.batch, *shape), clamp)
             return self.transform(call).reshape(full)
-        return self.transform(SiteCall(site, func, args, kwargs, activation.inplace(args, kwargs)))
+        return self.transform(SiteCall(site, func, args, kwargs, activation.inplace(args, kwargs), clamp=clamp))
 
     def _batch_kind(self, index: int, func, kind: str, tensor: torch.Tensor) -> tuple:
         """``(batch kind, fold, overwritten)`` of call ``index``, checked against this pass's batch."""

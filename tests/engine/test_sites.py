@@ -340,3 +340,65 @@ def test_in_place_add_on_an_activation_output_is_scored_with_the_activation_valu
     ref = model.fc((nn.functional.silu(model.conv(h)) * m2 + h).mean(dim=(2, 3)))
     (expected_grad,) = torch.autograd.grad(ref.gather(1, targets[:, None]).sum(), xr)
     torch.testing.assert_close(grad, expected_grad)
+
+
+class Clamps(nn.Module):
+    """In-place ReLU6 and Hardtanh (one on a slice of a tensor), and a ReLU6 output the model adds to in place."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu6 = nn.ReLU6(inplace=inplace)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.hardtanh = nn.Hardtanh(-0.5, 0.7, inplace=inplace)
+        self.last = nn.Conv2d(8, 8, 1)
+        self.inplace = inplace
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.relu6(self.stem(x))
+        g = self.conv(h)
+        g = torch.cat([self.hardtanh(g[:, :4]), g[:, 4:]], dim=1)  # the in-place call works on a view
+        out = nn.functional.relu6(self.last(g), inplace=self.inplace)
+        out += h  # overwritten after it returned: this site keeps torch's own in-place call
+        return self.fc(out.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_in_place_clamps_are_not_copied_and_give_the_same_bits_as_out_of_place_ones(channels_last):
+    """ReLU6 / Hardtanh called in place: autograd's own in-place op copies its input at every site and pass;
+    the engine's runs without that copy and must give exactly the gradients of the out-of-place call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from handler.engine.contribution import _abs_contribution, score_neurons, select_by_contribution
+    from handler.engine.pathways import run_along
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 3, 8, 8).contiguous(memory_format=fmt)
+    targets = torch.tensor([0, 3, -1])
+    results = {}
+    for inplace in (True, False):
+        model = Clamps(inplace).eval().requires_grad_(False).to(memory_format=fmt)
+        scores, layout, *_ = score_neurons(model, x, targets, _abs_contribution)
+        pathway = select_by_contribution(model, x, targets, [0.6] * 3)
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(run_along(model, xg, pathway).gather(1, pathway.targets[:, None]).sum(), xg)
+        results[inplace] = (scores.clone(), pathway.keep, grad)
+        assert [(s.kind, s.overwritten) for s in layout] == [("relu6", False), ("hardtanh", False), ("relu6", True)]
+    for ours, reference in zip(results[True], results[False]):
+        assert torch.equal(ours, reference)
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.clone.default and args[0].shape[1] in (4, 8):  # not the input's
+                Copies.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = Clamps(True).eval().requires_grad_(False).to(memory_format=fmt)
+    pathway = select_by_contribution(model, x, targets, [0.6] * 3)
+    with Copies():
+        run_along(model, x.clone().requires_grad_(True), pathway)
+    assert Copies.count == 1  # only the overwritten site's in-place call copies its input
