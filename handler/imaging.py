@@ -40,11 +40,21 @@ class ImageLimits:
 #: Key of ``Image.info`` where :func:`decode_image` keeps the SHA-256 of the bytes it decoded (an explanation's
 #: provenance records it).
 IMAGE_SHA256 = "pathway_sha256"
+#: Keys of ``Image.info`` of a JPEG decoded at a reduced scale (see :func:`decode_image`): the photo's upright
+#: size in pixels, and the bytes, for :func:`full_photo`.
+FULL_SIZE = "pathway_full_size"
+SOURCE_BYTES = "pathway_source"
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), least_side: Optional[int] = None) -> Image.Image:
     """Bytes to an upright RGB image, or a specific error saying why not; ``info[IMAGE_SHA256]`` is the
-    SHA-256 of ``data``."""
+    SHA-256 of ``data``.
+
+    ``least_side``: a JPEG whose shorter side is at least twice this is decoded at the smallest of libjpeg's
+    scales (1/2, 1/4, 1/8) that keeps its shorter side at least ``least_side`` (Pillow's ``draft``): the
+    decoder skips the detail a downscale would discard, several times faster for a phone photo. Such an
+    image carries its full size in ``info[FULL_SIZE]`` (see :func:`photo_size` and :func:`full_photo`).
+    """
     if not data:
         raise InvalidImage("the request has no image: the body (or image field) is empty", code="empty_image")
     try:
@@ -70,14 +80,51 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
                            code="image_too_small")
     try:
         image.seek(0)  # animated images: the first frame
+        full_size = _reduce_jpeg(image, least_side)
         image.load()
         image = to_rgb(ImageOps.exif_transpose(image))
         image.info[IMAGE_SHA256] = hashlib.sha256(bytes(data)).hexdigest()
+        if full_size is not None:
+            image.info[FULL_SIZE] = full_size
+            image.info[SOURCE_BYTES] = bytes(data)
         return image
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, struct.error, ...
         raise InvalidImage(f"the image data is truncated or corrupt: {err}", code="corrupt_image") from None
+
+
+#: EXIF orientations that turn the stored image by a quarter (its width and height swap when made upright).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _reduce_jpeg(image: Image.Image, least_side: Optional[int]) -> Optional[tuple]:
+    """Ask libjpeg for a reduced scale before loading (see :func:`decode_image`); the upright full size if it
+    took one, else None."""
+    if least_side is None or image.format not in ("JPEG", "MPO"):
+        return None
+    width, height = image.size
+    scale = least_side / min(width, height)
+    if scale > 0.5:  # the smallest reduction libjpeg offers would go below least_side
+        return None
+    image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+    if image.size == (width, height):
+        return None
+    quarter = image.getexif().get(0x0112) in _QUARTER_TURNS
+    return (height, width) if quarter else (width, height)
+
+
+def photo_size(image: Image.Image) -> tuple:
+    """The photo's upright size in pixels, also for a JPEG decoded at a reduced scale."""
+    return tuple(image.info.get(FULL_SIZE, image.size))
+
+
+def full_photo(image: Image.Image, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """The photo at its full size: ``image`` itself, or, for a JPEG decoded at a reduced scale, decoded again
+    in full (what an overlay is drawn on)."""
+    if FULL_SIZE not in image.info:
+        return image
+    return decode_image(image.info[SOURCE_BYTES], limits)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -100,14 +147,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def open_image(source, limits: Optional[ImageLimits] = None) -> Image.Image:
-    """A path, bytes or PIL image as a decoded RGB image (the server's checks)."""
+def open_image(source, limits: Optional[ImageLimits] = None, least_side: Optional[int] = None) -> Image.Image:
+    """A path, bytes or PIL image as a decoded RGB image (the server's checks; ``least_side`` as
+    :func:`decode_image`'s)."""
     limits = limits or ImageLimits()
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(source), limits)
-    return decode_image(Path(source).read_bytes(), limits)
+        return decode_image(bytes(source), limits, least_side)
+    return decode_image(Path(source).read_bytes(), limits, least_side)
 
 
 def _describe_bytes(data: bytes) -> str:
@@ -164,6 +212,13 @@ def _centre_window(image: Image.Image, max_aspect: float) -> Image.Image:
     return image.crop((0, top, width, top + keep))
 
 
+#: A JPEG is decoded at a reduced scale only down to this many times the spec's resize (see
+#: :attr:`Preprocessor.least_decoded_side`). At 4 a reduced decode moves the predictions of the sample photos
+#: no more than saving them at another JPEG quality does; at 2 it moved them several times more (and flipped
+#: two close calls): benchmarks/speed/results/decode-cpu.md.
+JPEG_DRAFT_MARGIN = 4
+
+
 class Preprocessor:
     """The model spec's preprocessing, with torchvision transforms; also maps the crop back onto the photo."""
 
@@ -198,11 +253,32 @@ class Preprocessor:
         sx, sy = width / new_w, height / new_h
         return CropBox(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
 
-    def describe(self, size: Optional[tuple] = None) -> dict:
+    @property
+    def least_decoded_side(self) -> Optional[int]:
+        """The shorter side a JPEG is decoded to at least (:func:`decode_image`'s ``least_side``), or None where
+        the spec's ``jpeg_draft`` is off: :data:`JPEG_DRAFT_MARGIN` times the resize, so the antialiased resize
+        still does the last, larger step."""
+        return JPEG_DRAFT_MARGIN * self.prep.resize if self.prep.jpeg_draft else None
+
+    def window(self, image: Image.Image) -> CropBox:
+        """The model's window in the photo's full-size pixel coordinates (:func:`photo_size`), also for a JPEG
+        decoded at a reduced scale: the window in the decoded image, scaled to the full size."""
+        box = self.crop_box(image.size)
+        full = photo_size(image)
+        if full == tuple(image.size):
+            return box
+        sx, sy = full[0] / image.width, full[1] / image.height
+        return CropBox(box.left * sx, box.top * sy, box.right * sx, box.bottom * sy)
+
+    def describe(self, image: Optional[Image.Image] = None) -> dict:
+        """The preprocessing as the document reports it; with ``image``: the photo's size, the decoded size where
+        a JPEG was decoded at a reduced scale, and the model's window in the photo (:meth:`window`)."""
         info = self.prep.to_dict()
-        if size is not None:
-            box = self.crop_box(size)
-            info["image_size"] = list(size)
+        if image is not None:
+            box = self.window(image)
+            info["image_size"] = list(photo_size(image))
+            if photo_size(image) != tuple(image.size):
+                info["decoded_size"] = list(image.size)
             info["crop_box"] = [round(box.left, 2), round(box.top, 2), round(box.right, 2), round(box.bottom, 2)]
         return info
 

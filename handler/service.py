@@ -37,8 +37,8 @@ from PIL import Image
 from .engine import BatchSplit, ExplainRequest, ValidRequest, is_out_of_memory, release_cached_memory, \
     resolve_pass_batch
 from .errors import ExplainError, InternalError, InvalidOption, InvalidTarget, OutOfMemory
-from .imaging import (IMAGE_SHA256, Preprocessor, decode_image, npy_bytes, open_image, png_bytes, render_heatmap,
-                      render_overlay, render_strip)
+from .imaging import (IMAGE_SHA256, Preprocessor, decode_image, full_photo, npy_bytes, open_image, png_bytes,
+                      render_heatmap, render_overlay, render_strip)
 from .models import LoadedModel, ModelSpec, explainer_for, load_model
 from .provenance import (Verification, attribution_sha256, device_kind, package_version, raw_options,
                          resolved_options, sha256_hex, source_revision)
@@ -201,7 +201,10 @@ class ExplanationService:
         return self.explainer.device
 
     def decode(self, data: bytes) -> Image.Image:
-        return decode_image(data, self.limits.image)
+        """The request's bytes as the model's image: a large JPEG at a reduced scale where the spec allows it
+        (:attr:`~handler.imaging.Preprocessor.least_decoded_side`), the same for the server, the CLI and
+        ``verify``."""
+        return decode_image(data, self.limits.image, self.preprocessor.least_decoded_side)
 
     # -- the one validation step ------------------------------------------------
 
@@ -442,7 +445,7 @@ class ExplanationService:
         Raises the first request error instead of returning it.
         """
         opts = parse_options(options, self.limits)
-        decoded = [open_image(source, self.limits.image) for source in images]
+        decoded = [open_image(source, self.limits.image, self.preprocessor.least_decoded_side) for source in images]
         results = self.explain(decoded, [opts] * len(decoded), attribution_dtype=np.float32)
         for result in results:
             if isinstance(result, ExplainError):
@@ -453,13 +456,13 @@ class ExplanationService:
         options = validated.options
         settings = options.visualization
         document = explanation_document(
-            self.name, explanation, self.labels, options, self.preprocessor.describe(image.size))
+            self.name, explanation, self.labels, options, self.preprocessor.describe(image))
         artifacts = {}
         if "heatmap" in options.outputs:
             artifacts["heatmap"] = png_bytes(
                 render_heatmap(explanation.attribution, settings))
         if "overlay" in options.outputs:
-            photo, box = image, self.preprocessor.crop_box(image.size)
+            photo, box = full_photo(image, self.limits.image), self.preprocessor.window(image)
             scale = (self.limits.max_overlay_pixels / (image.width * image.height)) ** 0.5
             if scale < 1:  # keep responses bounded for very large photos
                 photo = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))

@@ -8,7 +8,8 @@ from PIL import Image
 
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from handler.serving.responses import http_status
-from handler.imaging import ImageLimits, Preprocessor, colormap_lut, decode_image, render_overlay
+from handler.imaging import (FULL_SIZE, ImageLimits, Preprocessor, colormap_lut, decode_image, full_photo,
+                             photo_size, render_overlay)
 from handler.models import Preprocessing, get_spec
 
 
@@ -53,6 +54,59 @@ def test_exif_orientation_is_applied(photo):
     exif[0x0112] = 6  # rotate 90° clockwise on display
     image = decode_image(encode(photo, "JPEG", exif=exif.tobytes()))
     assert image.size == (40, 60)
+
+
+@pytest.fixture(scope="module")
+def large_photo():
+    """A 2400 x 1600 photo-like image (smooth, with fine grain), the size class of a phone upload."""
+    rng = np.random.default_rng(1)
+    small = Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8), "RGB").resize((2400, 1600),
+                                                                                              Image.BICUBIC)
+    grain = rng.integers(-8, 9, (1600, 2400, 3))
+    return Image.fromarray(np.clip(np.asarray(small, dtype=int) + grain, 0, 255).astype(np.uint8), "RGB")
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_shorter_side_and_knows_its_full_size(
+        large_photo):
+    data = encode(large_photo, "JPEG", quality=90)
+    full = decode_image(data)
+    reduced = decode_image(data, least_side=512)  # 1600 / 2 = 800 >= 512 > 1600 / 4
+    assert full.size == photo_size(full) == (2400, 1600) and FULL_SIZE not in full.info
+    assert reduced.size == (1200, 800) and reduced.mode == "RGB"
+    assert photo_size(reduced) == (2400, 1600)
+    assert reduced.info["pathway_sha256"] == full.info["pathway_sha256"]  # the record names the bytes sent
+    assert np.array_equal(np.asarray(full_photo(reduced)), np.asarray(full))
+    # the reduced decode is the photo, not something else: close to the full decode downscaled
+    downscaled = np.asarray(full.resize(reduced.size, Image.BOX), dtype=float)
+    assert np.abs(np.asarray(reduced, dtype=float) - downscaled).mean() < 3.0
+    assert decode_image(data, least_side=300).size == (600, 400)  # 1/4: 400 >= 300
+    assert decode_image(data, least_side=900).size == (2400, 1600)  # no scale keeps 900: full size
+
+
+def test_a_reduced_jpeg_is_upright_and_reports_its_upright_full_size(large_photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    reduced = decode_image(encode(large_photo, "JPEG", exif=exif.tobytes()), least_side=512)
+    assert reduced.size == (800, 1200) and photo_size(reduced) == (1600, 2400)
+    assert full_photo(reduced).size == (1600, 2400)
+
+
+def test_only_large_jpegs_are_decoded_at_a_reduced_scale(large_photo, photo):
+    assert decode_image(encode(large_photo, "PNG", compress_level=1), least_side=512).size == (2400, 1600)
+    assert decode_image(encode(large_photo, "WEBP"), least_side=512).size == (2400, 1600)
+    assert decode_image(encode(photo, "JPEG"), least_side=32).size == (60, 40)  # 40 < 2 x 32: no scale keeps 32
+
+
+def test_the_model_window_of_a_reduced_jpeg_is_reported_in_full_size_coordinates(large_photo):
+    pre = Preprocessor(Preprocessing(resize=256, crop=224))
+    data = encode(large_photo, "JPEG", quality=90)
+    assert pre.least_decoded_side == 1024
+    assert Preprocessor(Preprocessing(jpeg_draft=False)).least_decoded_side is None
+    reduced, full = decode_image(data, least_side=512), decode_image(data)
+    described = pre.describe(reduced)
+    assert described["image_size"] == [2400, 1600] and described["decoded_size"] == [1200, 800]
+    assert "decoded_size" not in pre.describe(full)
+    assert np.allclose(described["crop_box"], pre.describe(full)["crop_box"], atol=2.0)
 
 
 def test_animated_gif_uses_the_first_frame(photo):
@@ -154,3 +208,14 @@ def test_a_tiny_png_of_extreme_aspect_cannot_make_the_resize_huge():
     x = prep(Image.new("RGB", (8, 2_000_000), (200, 10, 10)))
     assert tuple(x.shape) == (3, 224, 224)
     assert seen == [(8, 8 * MAX_ASPECT)]
+
+
+def test_the_spec_switches_reduced_jpeg_decoding_off_and_rejects_a_malformed_value():
+    from handler.models import ModelLoadError, ModelSpec
+
+    data = get_spec("efficientnet_lite0").to_dict()
+    assert data["preprocessing"]["jpeg_draft"] is True
+    off = ModelSpec.from_dict(dict(data, preprocessing=dict(data["preprocessing"], jpeg_draft=False)))
+    assert off.preprocessing.jpeg_draft is False and ModelSpec.from_dict(off.to_dict()) == off
+    with pytest.raises(ModelLoadError, match="jpeg_draft"):
+        ModelSpec.from_dict(dict(data, preprocessing=dict(data["preprocessing"], jpeg_draft="yes")))

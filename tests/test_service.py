@@ -117,3 +117,52 @@ def test_each_error_code_has_one_status():
                                      UnknownModel("x"), OutOfMemory("x"), InternalError("x"))] == \
         [400, 413, 403, 413, 404, 507, 500]
     assert not hasattr(ExplainError("x"), "status")
+
+
+@pytest.fixture(scope="module")
+def phone_sized_coffee(photos) -> bytes:
+    """The coffee photo at 4800 x 3200 as a JPEG: a large upload, decoded at half its size by default."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(photos["coffee"]).convert("RGB").resize((4800, 3200), Image.BICUBIC).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_explained_from_a_reduced_decode_and_documented_at_its_full_size(
+        lite0_service, phone_sized_coffee):
+    import io
+    import json
+
+    from PIL import Image
+
+    from handler import ExplanationService
+    from handler.models import get_spec
+
+    spec = get_spec("efficientnet_lite0")
+    full_decode = ExplanationService.from_spec(
+        replace(spec, preprocessing=replace(spec.preprocessing, jpeg_draft=False)), device="cpu")
+    assert lite0_service.decode(phone_sized_coffee).size == (2400, 1600)  # 1/4 would go below 4 x 256
+    assert full_decode.decode(phone_sized_coffee).size == (4800, 3200)
+
+    [reduced] = lite0_service.explain_images([phone_sized_coffee], outputs="heatmap,overlay")
+    [full] = full_decode.explain_images([phone_sized_coffee], outputs="heatmap,overlay")
+    seen, reference = reduced.document["preprocessing"], full.document["preprocessing"]
+    assert seen["jpeg_draft"] is True and reference["jpeg_draft"] is False
+    assert seen["image_size"] == reference["image_size"] == [4800, 3200] and seen["decoded_size"] == [2400, 1600]
+    assert all(abs(a - b) <= 2.0 for a, b in zip(seen["crop_box"], reference["crop_box"]))
+    assert Image.open(io.BytesIO(reduced.artifacts["overlay"])).size == (4800, 3200)  # drawn on the full photo
+    # the same prediction, to the second decimal
+    top, top_full = reduced.document["predictions"][0], full.document["predictions"][0]
+    assert top["index"] == top_full["index"] == 967 and abs(top["probability"] - top_full["probability"]) < 0.01
+    [predicted] = lite0_service.predict([lite0_service.decode(phone_sized_coffee)],
+                                        [lite0_service.validate([{}], explain=False)[0].options])
+    assert predicted["predictions"][0]["index"] == 967
+    assert abs(predicted["predictions"][0]["probability"] - top["probability"]) < 1e-4  # both routes decode alike
+    # and the record says how it was decoded, so the explanation verifies from the bytes sent
+    document = json.loads(json.dumps(reduced.inline()))
+    verified = lite0_service.verify(document, phone_sized_coffee)
+    assert verified.ok, verified.message
+    assert full_decode.verify(document, phone_sized_coffee).differences[0] == "preprocessing"

@@ -55,7 +55,7 @@ class ImageSet:
 
 def photo_set(paths: Sequence[Union[str, Path]], preprocessor: Preprocessor) -> ImageSet:
     """Image files, decoded with the server's checks and preprocessed as the model spec says."""
-    images = [open_image(p) for p in paths]
+    images = [open_image(p, least_side=preprocessor.least_decoded_side) for p in paths]
     x = preprocessor.batch(images)
     return ImageSet([Path(p).stem for p in paths], x, _display(x, preprocessor.prep), source="images")
 

@@ -41,17 +41,25 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise per channel."""
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalise per channel.
+
+    ``jpeg_draft``: decode a large JPEG at the smallest of libjpeg's scales (1/2, 1/4, 1/8) that keeps its
+    shorter side at least four times ``resize``, then resize as usual (:func:`handler.imaging.decode_image`).
+    A 12-megapixel phone photo decodes and preprocesses about three times faster, and its predictions move
+    no more than saving the photo at another JPEG quality moves them (benchmarks/speed/results/decode-cpu.md).
+    ``false``: every image is decoded at full size, as torchvision's reference pipeline does.
+    """
 
     resize: int = 256
     crop: int = 224
     interpolation: str = "bilinear"
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
+    jpeg_draft: bool = True
 
     def to_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "jpeg_draft": self.jpeg_draft}
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,8 @@ class ModelSpec:
             prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()})
         except TypeError as err:
             raise ModelLoadError(f"model spec: {err}") from None
+        if not isinstance(prep.jpeg_draft, bool):
+            raise ModelLoadError(f"preprocessing.jpeg_draft must be true or false, not {prep.jpeg_draft!r}")
         if weights.match not in ("name", "order"):
             raise ModelLoadError(f"weights.match must be 'name' or 'order', not {weights.match!r}")
         defaults = default_settings()
