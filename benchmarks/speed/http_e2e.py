@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=20,
                         help="requests per client with 1 client; half as many each with 8 clients")
     parser.add_argument("--photo", default=str(sample_photo("coffee")))
+    parser.add_argument("--phone-sized", action="store_true",
+                        help="send the coffee photo enlarged to 4032x2688 as a JPEG (quality 92, "
+                             "benchmarks/speed/decode.py), the size class of a phone upload, instead of --photo")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "speed" / "results")
     parser.add_argument("--name", help="results file stem (default http-<device>)")
     parser.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
@@ -118,7 +121,21 @@ def main() -> None:
               ("stock_lite0", "predictions")]
     if not args.no_stock_explanations:
         routes.append(("stock_lite0", "explanations"))
-    photo = Path(args.photo).read_bytes()
+    if args.phone_sized:
+        from benchmarks.speed.decode import phone_sized
+
+        photo = phone_sized("coffee", 92)
+        photo_note = f"the coffee photo enlarged to 4032×2688, as a JPEG of {len(photo) / 1e6:.1f} MB (quality 92)"
+    else:
+        photo = Path(args.photo).read_bytes()
+        photo_note = f"`{Path(args.photo).name}`"
+        try:
+            from PIL import Image
+
+            with Image.open(args.photo) as image:
+                photo_note += f" ({image.width}×{image.height} {image.format})"
+        except OSError:
+            pass
     rows = []
     with tempfile.TemporaryDirectory(prefix="pathway-http-") as tmp:
         tmp = Path(tmp)
@@ -177,8 +194,8 @@ def main() -> None:
         f"Machine: {info.get('gpu', info['cpu'])}; {info['cpu_count']} CPU cores, torch {info['torch']}; "
         f"revision {git_revision()}. {args.workers} worker(s) per model ({threads[0]} torch thread(s) each: "
         f"{threads_note}), "
-        f"requests in {args.rounds} interleaved rounds, batchSize 4, maxBatchDelay 20 ms, the coffee photo "
-        "(600×400 PNG) as raw bytes. `stock_lite0` is TorchServe's stock `image_classifier` handler on a "
+        f"requests in {args.rounds} interleaved rounds, batchSize 4, maxBatchDelay 20 ms, {photo_note} as raw "
+        "bytes. `stock_lite0` is TorchServe's stock `image_classifier` handler on a "
         "TorchScript trace of the same network (explanations: Captum IG, 15 steps, nested JSON lists). "
         f"Server allocator: {allocator}.",
         "",
