@@ -463,9 +463,9 @@ class ExplanationService:
                 render_heatmap(explanation.attribution, settings))
         if "overlay" in options.outputs:
             photo, box = full_photo(image, self.limits.image), self.preprocessor.window(image)
-            scale = (self.limits.max_overlay_pixels / (image.width * image.height)) ** 0.5
+            scale = (self.limits.max_overlay_pixels / (photo.width * photo.height)) ** 0.5
             if scale < 1:  # keep responses bounded for very large photos
-                photo = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+                photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))))
                 box = type(box)(box.left * scale, box.top * scale, box.right * scale, box.bottom * scale)
                 document["explanation"]["overlay_size"] = list(photo.size)
             artifacts["overlay"] = png_bytes(render_overlay(photo, explanation.attribution, box, settings))
