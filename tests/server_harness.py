@@ -108,6 +108,31 @@ class Server:
         path = self.run_dir / "logs" / "model_log.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def logged_batches(self, quiet: float = 0.5, timeout: float = 30) -> int:
+        """How many batches the handler has logged, once no new line has come for ``quiet`` seconds (the lines of
+        requests already answered may still be on their way to the log)."""
+        deadline = time.monotonic() + timeout
+        count = len(self.batch_sizes())
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = len(self.batch_sizes())
+            if now == count:
+                break
+            count = now
+        return count
+
+    def batch_sizes(self, skip: int = 0, requests: int = 0, timeout: float = 30) -> list:
+        """The request counts of the batches the handler logged ("pathway batch: N requests ..."), after the
+        first ``skip`` batches, once they account for at least ``requests`` requests (or ``timeout`` seconds
+        have passed): TorchServe's logger may write a batch's line a little after its replies were sent."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sizes = [int(line.split("pathway batch: ")[1].split()[0])
+                     for line in self.model_log().splitlines() if "pathway batch:" in line][skip:]
+            if sum(sizes) >= requests or time.monotonic() > deadline:
+                return sizes
+            time.sleep(0.2)
+
     def stop(self, timeout: float = 120) -> int:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

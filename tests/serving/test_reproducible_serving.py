@@ -24,7 +24,7 @@ def explain(server, data: bytes) -> dict:
 def test_concurrent_answers_have_the_bits_of_the_photo_sent_alone_and_verify(server, photos, tmp_path, capsys):
     data = {name: photos[name].read_bytes() for name in NAMES}
     alone = {name: explain(server, data[name]) for name in NAMES}
-    before = server.model_log().count("pathway batch:")
+    before = server.logged_batches()
     # the same photos in varying combinations and orders, sent together so TorchServe batches them
     rounds = [["coffee", "chelsea", "astronaut", "coffee", "rocket", "chelsea"],
               ["rocket", "coffee", "coffee", "astronaut", "chelsea", "rocket", "coffee"]]
@@ -34,8 +34,7 @@ def test_concurrent_answers_have_the_bits_of_the_photo_sent_alone_and_verify(ser
         for name, answer in zip(names, answers):
             assert answer["provenance"]["attribution_sha256"] == alone[name]["provenance"]["attribution_sha256"], name
             assert answer["explanation"]["heatmap"]["data"] == alone[name]["explanation"]["heatmap"]["data"], name
-    sizes = [int(line.split("pathway batch: ")[1].split()[0])
-             for line in server.model_log().split("\n") if "pathway batch:" in line][before:]
+    sizes = server.batch_sizes(skip=before, requests=sum(len(names) for names in rounds))
     assert max(sizes) > 1, "the concurrent requests were never batched together"
 
     document = tmp_path / "coffee.json"

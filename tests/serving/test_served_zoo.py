@@ -38,6 +38,7 @@ def zoo_server(tmp_path_factory):
 @pytest.mark.parametrize("model", sorted(ARCHITECTURES))
 def test_concurrent_explanations_are_answered_from_one_batch_without_a_fallback(zoo_server, photos, model):
     images = [photos[name].read_bytes() for name in ("coffee", "chelsea", "astronaut", "rocket")][:CLIENTS]
+    earlier = zoo_server.logged_batches()
     before = zoo_server.model_log()
 
     def explain(image: bytes):
@@ -51,7 +52,7 @@ def test_concurrent_explanations_are_answered_from_one_batch_without_a_fallback(
         explanation = reply.json()["explanation"]
         assert explanation["method"] == "pathway_gradient"
         assert explanation["pathway"]["realised_sparsity"] >= explanation["pathway"]["requested_sparsity"]
+    sizes = zoo_server.batch_sizes(skip=earlier, requests=CLIENTS)  # waits for the log to catch up
     log = zoo_server.model_log()[len(before):]
     assert "one by one" not in log, log[-3000:]
-    sizes = [int(line.split("pathway batch: ")[1].split()[0]) for line in log.splitlines() if "pathway batch:" in line]
     assert sizes and max(sizes) > 1, "the concurrent requests were never batched together"

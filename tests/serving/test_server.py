@@ -154,7 +154,7 @@ def test_concurrent_mixed_batch_answers_each_request_as_if_alone(server, coffee,
         return server.post(f"/{route}/{MODEL}", json=body)
 
     sequential = [call(c) for c in cases]
-    before = server.model_log().count("pathway batch:")
+    before = server.logged_batches()
     with ThreadPoolExecutor(len(cases)) as pool:
         concurrent = list(pool.map(call, cases))
     for (route, _, options), alone, together in zip(cases, sequential, concurrent):
@@ -174,10 +174,9 @@ def test_concurrent_mixed_batch_answers_each_request_as_if_alone(server, coffee,
             assert np.corrcoef(ma.ravel(), mb.ravel())[0, 1] > 0.999
         else:
             assert "explanation" not in b and len(b["predictions"]) == options.get("top_k", 5)
-    batches = server.model_log().split("\n")
-    sizes = [int(line.split("pathway batch: ")[1].split()[0]) for line in batches if "pathway batch:" in line]
-    assert len(sizes) - before < len(cases), "concurrent requests were never batched together"
-    assert max(sizes[before:]) > 1
+    sizes = server.batch_sizes(skip=before, requests=len(cases))  # waits for the log to catch up
+    assert len(sizes) < len(cases), "concurrent requests were never batched together"
+    assert max(sizes) > 1
 
 
 def test_missing_token_is_refused(server, coffee):
