@@ -1,6 +1,6 @@
 """Large JPEG uploads: decoding at a reduced scale (the spec's ``jpeg_draft``) against the full decode.
 
-A phone photo is a 12-megapixel JPEG; the model sees a 224-pixel crop of it. With ``jpeg_draft`` (the
+A phone photo is a JPEG of about 12 megapixels; the model sees a 224-pixel crop of it. With ``jpeg_draft`` (the
 default) the service asks libjpeg for the smallest of its scales (1/2, 1/4, 1/8) that keeps the shorter
 side at least four times the spec's resize, then resizes as usual (``handler.imaging.decode_image``). This
 measures, on the five sample photos enlarged to 4032 pixels on the long side (bicubic, plus a grain of
