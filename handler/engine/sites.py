@@ -87,9 +87,7 @@ class _Activation:
 
     def kind_of(self, args, kwargs) -> str:
         if self.kind == "hardtanh":
-            lo = float(_arg(args, kwargs, 1, "min_val", -1.0))
-            hi = float(_arg(args, kwargs, 2, "max_val", 1.0))
-            return "relu6" if (lo, hi) == (0.0, 6.0) else "hardtanh"
+            return "relu6" if self.clamp_bounds(args, kwargs) == (0.0, 6.0) else "hardtanh"
         return self.kind
 
     def clamp_bounds(self, args, kwargs) -> Optional[tuple]:
