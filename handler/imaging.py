@@ -275,9 +275,9 @@ class Preprocessor:
         a JPEG was decoded at a reduced scale, and the model's window in the photo (:meth:`window`)."""
         info = self.prep.to_dict()
         if image is not None:
-            box = self.window(image)
-            info["image_size"] = list(photo_size(image))
-            if photo_size(image) != tuple(image.size):
+            box, full = self.window(image), photo_size(image)
+            info["image_size"] = list(full)
+            if full != tuple(image.size):
                 info["decoded_size"] = list(image.size)
             info["crop_box"] = [round(box.left, 2), round(box.top, 2), round(box.right, 2), round(box.bottom, 2)]
         return info
