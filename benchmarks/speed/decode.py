@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import git_revision, machine, write_results  # noqa: E402
+from benchmarks.common import git_revision, machine, time_call, write_results  # noqa: E402
 from handler import ExplanationService  # noqa: E402
 from handler.imaging import display_values  # noqa: E402
 from handler.models import get_spec  # noqa: E402
@@ -58,13 +56,7 @@ def phone_sized(name: str, quality: int) -> bytes:
 
 
 def median_ms(fn, repeat: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1000 * statistics.median(samples)
+    return 1000 * time_call(fn, torch.device("cpu"), warmup=1, repeat=repeat)["median_s"]
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
