@@ -45,7 +45,7 @@ class Preprocessing:
 
     ``jpeg_draft``: decode a large JPEG at the smallest of libjpeg's scales (1/2, 1/4, 1/8) that keeps its
     shorter side at least four times ``resize``, then resize as usual (:func:`handler.imaging.decode_image`).
-    A phone photo (11-16 megapixels) decodes and preprocesses 2-3 times faster, and its predictions move
+    A phone photo (11-16 megapixels) decodes and preprocesses 1.6-2.6 times faster, and its predictions move
     no more than saving the photo at another JPEG quality moves them (benchmarks/speed/results/decode-cpu.md).
     ``false``: every image is decoded at full size, as torchvision's reference pipeline does.
     """
