@@ -27,7 +27,7 @@ from .normalisation import InputNormalisation
 from .options import OptionSpec
 from .pathways import resolve_targets, target_sum
 from .sites import (
-    PER_SAMPLE, CapturedOutput, SiteCall, UncapturableOutputError, capture_module_output, capture_site_output,
+    PER_SAMPLE, CapturedOutput, SiteCall, UncapturableOutputError, alias, capture_module_output, capture_site_output,
     instrument)
 
 #: Largest seed the ``seed`` options accept (what fits a JSON number exactly and ``Generator.manual_seed``).
@@ -303,7 +303,7 @@ class _RectifyGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a):
-        return a.view_as(a)
+        return alias(a)
 
     @staticmethod
     def backward(ctx, grad):

@@ -13,7 +13,7 @@ from torch import nn
 
 from .options import OptionSpec
 from .pathways import Pathway, register_selection, resolve_targets, site_channel_sums, target_sum
-from .sites import Site, SiteCall, instrument
+from .sites import Site, SiteCall, alias, instrument
 from .threshold import keep_above_quantile
 
 
@@ -36,7 +36,7 @@ class _ContributionProbe(torch.autograd.Function):
         ctx.save_for_backward(a)
         ctx.sink = sink
         ctx.site = site
-        return a.clone() if site.overwritten else a.view_as(a)
+        return a.clone() if site.overwritten else alias(a)
 
     @staticmethod
     def backward(ctx, grad):

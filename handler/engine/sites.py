@@ -440,6 +440,16 @@ def _is_channels_last(tensor: torch.Tensor) -> bool:
             and tensor.is_contiguous(memory_format=torch.channels_last))
 
 
+def alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A view of ``tensor`` with exactly its strides: what an identity :class:`torch.autograd.Function` returns.
+
+    ``view_as`` recomputes the strides, and for a batch of one gives a channels-last activation a batch
+    stride (``C``) that no longer reads as channels-last; torch's padding then lays its output out NCHW, so the
+    convolution after it copies its input back to channels-last, in the forward and again in the backward.
+    """
+    return tensor.as_strided(tensor.size(), tensor.stride(), tensor.storage_offset())
+
+
 def _op_name(func) -> str:
     return getattr(func, "__name__", str(func))
 

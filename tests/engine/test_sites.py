@@ -113,6 +113,35 @@ def test_a_channels_last_model_gets_channels_last_sites_with_the_same_pathway(re
     assert pathway.targets.tolist() == targets.tolist()
 
 
+class PaddedDepthwise(nn.Module):
+    """ReLU, then TF-"same" padding (asymmetric, as timm's ``Conv2dSame`` pads a strided convolution) before a
+    depthwise convolution; records whether each padded tensor is still channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, groups=8)
+        self.fc = nn.Linear(8, 4)
+        self.padded_channels_last: list = []
+
+    def forward(self, x):
+        padded = nn.functional.pad(torch.relu(self.stem(x)), [0, 1, 0, 1])
+        self.padded_channels_last.append(padded.is_contiguous(memory_format=torch.channels_last))
+        return self.fc(torch.relu(self.depthwise(padded)).mean(dim=(2, 3)))
+
+
+def test_a_lone_channels_last_sample_stays_channels_last_through_the_contribution_probe():
+    """The contribution probe (an identity autograd Function) hands the network a view with the activation's
+    own strides. ``view_as`` would give a batch of one a batch stride that no
+    longer reads as channels-last: torch's padding then lays its output out NCHW, and the convolution after it
+    copies it back, in the forward and in the backward."""
+    model = PaddedDepthwise().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    Explainer(model).explain(x, method="pathway_gradient", sparsity=0.5)
+    assert model.padded_channels_last and all(model.padded_channels_last), model.padded_channels_last
+
+
 def test_a_channels_last_model_explains_like_its_contiguous_copy(resnet18):
     import copy
 
