@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .engine import BatchSplit, ExplainRequest, ValidRequest, is_out_of_memory, release_cached_memory, \
-    resolve_pass_batch
+from .engine import BatchSplit, ExplainRequest, ValidRequest, is_out_of_memory, is_positive_int, \
+    release_cached_memory, resolve_pass_batch
 from .errors import ExplainError, InternalError, InvalidOption, InvalidTarget, OutOfMemory
 from .imaging import (IMAGE_SHA256, Preprocessor, decode_image, full_photo, npy_bytes, open_image, png_bytes,
                       render_heatmap, render_overlay, render_strip)
@@ -540,7 +540,7 @@ class ExplanationService:
         pass_batch, threads = record.get("pass_batch"), record.get("torch_threads")
         try:
             for name, value in (("pass_batch", pass_batch), ("torch_threads", threads)):
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                if value is not None and not is_positive_int(value):
                     raise InvalidOption(f"the recorded {name} {value!r} is not a positive integer")
             [validated] = self.validate([raw_options(options)], explain=True)
             decoded = self.decode(image)

@@ -216,3 +216,15 @@ def test_verify_recomputes_with_the_recorded_thread_count(lite0_service, coffee)
     verified = lite0_service.verify(document, coffee)
     assert verified.ok and "on 1 thread(s)" in verified.message, verified.message
     assert torch.get_num_threads() == before  # verify leaves the caller's threads as they were
+
+
+@pytest.mark.parametrize("field, value", [("torch_threads", 0), ("torch_threads", True), ("pass_batch", "4"),
+                                          ("pass_batch", -2)])
+def test_verify_names_a_recorded_thread_count_or_pass_shape_that_is_not_a_positive_integer(
+        lite0_service, coffee, field, value):
+    [result] = lite0_service.explain_images([coffee])
+    document = json.loads(json.dumps(result.inline()))
+    document["provenance"][field] = value
+    verified = lite0_service.verify(document, coffee)
+    assert not verified.ok
+    assert f"the recorded {field} {value!r} is not a positive integer" in verified.message, verified.message

@@ -32,7 +32,7 @@ from .explainer import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, ExplainRequest, 
     resolve_pass_batch
 from .methods import METHODS, Attribution, register_method
 from .normalisation import InputNormalisation
-from .options import OptionSpec, check_sparsity
+from .options import OptionSpec, check_sparsity, is_positive_int
 from .pathways import SELECTIONS, Pathway, register_selection, run_along
 from .reduce import REDUCTIONS
 from .registry import Registry
@@ -42,6 +42,6 @@ from .sites import Site, SiteCall, SiteLayout, SiteMismatchError, instrument
 __all__ = [
     "Attribution", "BatchSplit", "DEFAULT_PASS_BATCH", "DEFAULTS", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
     "METHODS", "MemoryBudget", "OptionSpec", "Pathway", "REDUCTIONS", "Registry", "SELECTIONS", "Site", "SiteCall",
-    "SiteLayout", "SiteMismatchError", "ValidRequest", "resolve_pass_batch", "check_sparsity", "explaining", "instrument", "is_out_of_memory",
+    "SiteLayout", "SiteMismatchError", "ValidRequest", "resolve_pass_batch", "check_sparsity", "explaining", "instrument", "is_out_of_memory", "is_positive_int",
     "observe_network", "register_method", "register_selection", "release_cached_memory", "run_along",
 ]

@@ -22,7 +22,7 @@ from .batching import BatchPlanner, MemoryBudget, PeakMemory, release_cached_mem
 from .events import BatchSplit, BatchSplitListener, report_split
 from .methods import METHODS, Attribution
 from .normalisation import InputNormalisation
-from .options import check_sparsity
+from .options import check_sparsity, is_positive_int
 from .pathways import SELECTIONS, pathway_notes, pathway_zero_note
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
 from .sites import NoActivationSitesError, instrument, last_activation_call, out_of_place_transform
@@ -90,7 +90,7 @@ def resolve_pass_batch(value, device) -> Optional[int]:
         return AUTO_PASS_BATCH.get(torch.device(device).type, AUTO_PASS_BATCH_ELSEWHERE)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"pass_batch must be a positive integer, null or \"auto\", not {value!r}")
     return value
 

@@ -8,6 +8,11 @@ from typing import Any, Optional
 from ..errors import InvalidOption
 
 
+def is_positive_int(value: Any) -> bool:
+    """An integer of at least 1, and not a bool (JSON's ``true`` is an ``int`` in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class OptionSpec:
     """One option a method or selection strategy accepts (``steps``, ``baseline``, ``signed``...)."""
