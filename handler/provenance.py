@@ -28,7 +28,7 @@ import importlib.metadata
 import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -126,4 +126,5 @@ class Verification:
     ok: bool
     message: str
     differences: tuple = ()  # ("weights", "image", ...) in the order checked
-    attribution_sha256: Optional[str] = None  # recomputed (None when the check stopped before computing)
+    #: recomputed (None when the check stopped before computing); a list, in order, for several targets
+    attribution_sha256: Union[str, list, None] = None

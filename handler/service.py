@@ -500,15 +500,22 @@ class ExplanationService:
     def verify(self, document: Mapping, image: bytes) -> Verification:
         """Recompute the explanation ``document`` describes from ``image`` (the bytes it was made from) and
         compare: the model, its weights, the code's version, the image, the options, and the attribution's
-        digest (recomputed at the recorded pass shape). Never raises for a bad document or image: the
+        digest (recomputed at the recorded pass shape and thread count); for a document with several targets,
+        every target's class and digest, in order. Never raises for a bad document or image: the
         :class:`~handler.provenance.Verification` says what differs."""
         record = document.get("provenance") if isinstance(document, Mapping) else None
         if not isinstance(record, Mapping) or not isinstance(record.get("options"), Mapping):
             return Verification(False, "the document has no provenance record (made by an older version?)",
                                 ("document",))
-        if "explanations" in document:
-            return Verification(False, "verifying a document with several targets is not built yet; verify each "
-                                       "target's single-target document", ("document",))
+        several = "explanations" in document
+        shown_bodies = document.get("explanations") if several else [document.get("explanation")]
+        recorded = record.get("attribution_sha256")
+        recorded = recorded if several else [recorded]
+        if (not isinstance(shown_bodies, list) or not isinstance(recorded, list)
+                or len(shown_bodies) != len(recorded) or not shown_bodies):
+            return Verification(False, "the document's explanations and its provenance's attribution digests do "
+                                       "not pair up one to one", ("document",))
+        shown_bodies = [body if isinstance(body, Mapping) else {} for body in shown_bodies]
         found: list = []  # (what, detail)
         if record.get("model") != self.name:
             found.append(("model", f"model: the document's is {record.get('model')!r}, this check uses {self.name!r}"))
@@ -529,13 +536,14 @@ class ExplanationService:
         if record.get("preprocessing") != self.spec.preprocessing.to_dict():
             found.append(("preprocessing", "preprocessing: the document's differs from this model's"))
         options = record["options"]
-        shown = document.get("explanation") if isinstance(document.get("explanation"), Mapping) else {}
-        pathway = shown.get("pathway") if isinstance(shown.get("pathway"), Mapping) else {}
-        for name, value in (("method", shown.get("method")), ("reduce", shown.get("reduce")),
-                            ("sparsity", pathway.get("requested_sparsity")), ("selection", pathway.get("selection"))):
-            if value is not None and value != options.get(name):
-                found.append(("options", f"options: the explanation shows {name} {value!r}, its provenance "
-                                         f"records {options.get(name)!r}"))
+        for shown in shown_bodies:
+            pathway = shown.get("pathway") if isinstance(shown.get("pathway"), Mapping) else {}
+            for name, value in (("method", shown.get("method")), ("reduce", shown.get("reduce")),
+                                ("sparsity", pathway.get("requested_sparsity")),
+                                ("selection", pathway.get("selection"))):
+                if value is not None and value != options.get(name):
+                    found.append(("options", f"options: the explanation shows {name} {value!r}, its provenance "
+                                             f"records {options.get(name)!r}"))
         recomputed = None
         pass_batch, threads = record.get("pass_batch"), record.get("torch_threads")
         try:
@@ -548,30 +556,43 @@ class ExplanationService:
             found.append(("options" if isinstance(err, InvalidOption) else "image", f"cannot recompute: {err}"))
         else:
             with cpu_threads(threads if self.device.type == "cpu" else None):
-                [explanation] = self.explainer.explain_requests(self.preprocessor.batch([decoded]),
-                                                                [validated.request], pass_batch=pass_batch)
+                x = self.preprocessor.batch([decoded])
+                [requests] = self._target_requests(x, [validated])
+                explanations = self.explainer.explain_requests(x[[0] * len(requests)], requests,
+                                                               pass_batch=pass_batch)
             request = validated.request
             resolved = resolved_options(validated.options, request,
                                         self.explainer.option_specs(request.method, request.selection))
             if resolved != dict(options):
                 changed = sorted(k for k in set(resolved) | set(options) if resolved.get(k) != options.get(k))
                 found.append(("options", f"options: {', '.join(changed)} resolve differently here"))
-            recomputed = attribution_sha256(explanation.attribution)
-            target = shown.get("target") if isinstance(shown.get("target"), Mapping) else {}
-            if target.get("index") is not None and target.get("index") != explanation.target:
-                found.append(("target", f"target: the document explains class {target.get('index')}, the "
-                                        f"recomputation class {explanation.target}"))
-            if recomputed != record.get("attribution_sha256"):
-                device = device_kind(self.device)
-                where = "" if record.get("device") == device else \
-                    f" (made on {record.get('device')}, recomputed on {device})"
-                found.append(("attribution", f"attribution: the document's has sha256 "
-                                             f"{_short(record.get('attribution_sha256'))}, the recomputed one "
-                                             f"{_short(recomputed)}{where}"))
+            digests = [attribution_sha256(e.attribution) for e in explanations]
+            recomputed = digests if several else digests[0]
+            if validated.options.several_targets != several:
+                held, asked = ("a list of explanations", "one") if several else ("one explanation", "a list")
+                found.append(("target", f"targets: the document holds {held}, its recorded options ask for {asked}"))
+            elif len(explanations) != len(shown_bodies):
+                found.append(("target", f"targets: the document explains {len(shown_bodies)} class(es), its recorded "
+                                        f"options ask for {len(explanations)}"))
+            for i, (shown, explanation, digest, kept) in enumerate(zip(shown_bodies, explanations, digests,
+                                                                       recorded)):
+                which = f" {i + 1} of {len(shown_bodies)}" if several else ""
+                target = shown.get("target") if isinstance(shown.get("target"), Mapping) else {}
+                if target.get("index") is not None and target.get("index") != explanation.target:
+                    found.append(("target", f"target{which}: the document explains class {target.get('index')}, "
+                                            f"the recomputation class {explanation.target}"))
+                if digest != kept:
+                    device = device_kind(self.device)
+                    where = "" if record.get("device") == device else \
+                        f" (made on {record.get('device')}, recomputed on {device})"
+                    found.append(("attribution", f"attribution{which}: the document's has sha256 {_short(kept)}, "
+                                                 f"the recomputed one {_short(digest)}{where}"))
         if not found:
-            return Verification(True, f"verified: attribution sha256 {_short(recomputed)} recomputed from this image "
-                                      f"with the recorded weights, version, options and pass shape "
-                                      f"{pass_batch}" + (f" on {threads} thread(s)" if threads else ""), (), recomputed)
+            what = (f"{len(recomputed)} attributions (sha256 {', '.join(_short(d) for d in recomputed)})" if several
+                    else f"attribution sha256 {_short(recomputed)}")
+            return Verification(True, f"verified: {what} recomputed from this image with the recorded weights, "
+                                      f"version, options and pass shape {pass_batch}"
+                                      + (f" on {threads} thread(s)" if threads else ""), (), recomputed)
         whats = tuple(dict.fromkeys(what for what, _ in found))
         return Verification(False, f"differs ({', '.join(whats)}): " + "; ".join(detail for _, detail in found),
                             whats, recomputed)

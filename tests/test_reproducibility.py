@@ -141,6 +141,40 @@ def test_verify_accepts_the_document_for_its_image_and_names_what_differs_otherw
     assert lite0_service.verify({"model": "x"}, coffee).differences == ("document",)
 
 
+@pytest.mark.parametrize("asked", [{"explain_top_k": 2}, {"targets": [968, "espresso"]}])
+def test_verify_recomputes_every_target_of_a_several_targets_document_and_names_the_one_that_differs(
+        lite0_service, coffee, asked):
+    [result] = lite0_service.explain_images([coffee], **asked)
+    document = json.loads(json.dumps(result.inline()))
+    recorded = document["provenance"]["attribution_sha256"]
+    assert len(recorded) == len(document["explanations"]) == 2
+    verified = lite0_service.verify(document, coffee)
+    assert verified.ok, verified.message
+    assert verified.attribution_sha256 == recorded and "2 attributions" in verified.message
+
+    tampered = json.loads(json.dumps(document))
+    tampered["provenance"]["attribution_sha256"][1] = "0" * 64
+    refused = lite0_service.verify(tampered, coffee)
+    assert refused.differences == ("attribution",) and "attribution 2 of 2" in refused.message, refused.message
+
+    retargeted = json.loads(json.dumps(document))
+    retargeted["explanations"][0]["target"]["index"] = 7
+    refused = lite0_service.verify(retargeted, coffee)
+    assert refused.differences == ("target",) and "target 1 of 2" in refused.message, refused.message
+
+    unpaired = json.loads(json.dumps(document))
+    unpaired["provenance"]["attribution_sha256"] = recorded[:1]
+    assert lite0_service.verify(unpaired, coffee).differences == ("document",)
+
+    single = json.loads(json.dumps(document))  # one explanation cut out, with the list options still recorded
+    single["explanation"] = single.pop("explanations")[0]
+    single["provenance"]["attribution_sha256"] = recorded[0]
+    refused = lite0_service.verify(single, coffee)
+    assert "target" in refused.differences and "ask for a list" in refused.message, refused.message
+
+    assert not lite0_service.verify(document, coffee[:-1] + b"x").ok  # another image: the digests differ too
+
+
 def test_verify_names_a_different_model_preparation(lite0_service, coffee):
     """The preparation changes an explanation's bits: a document made on the prepared model is not verified by
     the model as trained, and verify says why."""

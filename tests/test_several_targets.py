@@ -190,6 +190,7 @@ def test_cli_explain_top_k_writes_per_target_files_that_agree_with_target_runs(t
     assert {p.name for p in several.iterdir()} == expected
     for body, index in zip(document["explanations"], asked):
         assert body["attribution"]["path"] == f"coffee.{index}.attribution.npy"
+    assert run(["--verify", str(several / "coffee.json"), str(photos["coffee"])]) == 0  # every target recomputed
     numbers = {}
     for index in asked:
         single = tmp_path / str(index)

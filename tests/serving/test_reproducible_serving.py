@@ -1,6 +1,7 @@
 """Reproducible explanations through a real TorchServe: under concurrent load, with varying neighbours in
 TorchServe's batches, every answer's attribution digest equals the same photo's answer sent alone, and
-``pathway-explain --verify`` accepts the server's document for its photo and refuses it for another."""
+``pathway-explain --verify`` accepts the server's document for its photo and refuses it for another, also a
+document with several targets."""
 
 import base64
 import json
@@ -42,4 +43,18 @@ def test_concurrent_answers_have_the_bits_of_the_photo_sent_alone_and_verify(ser
     assert cli_run(["--verify", str(document), str(photos["coffee"]), "--device", "cpu"]) == 0
     assert "pass shape 1 on " in capsys.readouterr().out  # "auto" on the CPU, at the worker's threads
     assert cli_run(["--verify", str(document), str(photos["chelsea"]), "--device", "cpu"]) == 1
+    assert "differs (image" in capsys.readouterr().err
+
+
+def test_verify_accepts_a_served_document_with_several_targets(server, photos, tmp_path, capsys):
+    photo = base64.b64encode(photos["chelsea"].read_bytes()).decode()
+    reply = server.post(f"/explanations/{MODEL}", json={"image": photo, "explain_top_k": 2})
+    assert reply.status_code == 200, reply.text
+    served = reply.json()
+    assert len(served["explanations"]) == len(served["provenance"]["attribution_sha256"]) == 2
+    document = tmp_path / "chelsea.json"
+    document.write_text(json.dumps(served))
+    assert cli_run(["--verify", str(document), str(photos["chelsea"]), "--device", "cpu"]) == 0
+    assert "verified: 2 attributions" in capsys.readouterr().out
+    assert cli_run(["--verify", str(document), str(photos["coffee"]), "--device", "cpu"]) == 1
     assert "differs (image" in capsys.readouterr().err
