@@ -81,6 +81,26 @@ def test_pass_budget_is_computed_from_the_options_declared_costs(lite0_service, 
         service.limits = saved
 
 
+def test_the_archives_pass_budget_bounds_the_neuron_integrated_gradient_selection(lite0_service):
+    """Its cost grows with the activation sites, which no per-option cap can know: the pass budget (50 sites
+    per step) admits the default 10 steps under the archive's 1000 passes and refuses 20."""
+    from handler.serving.archive import DEFAULT_PATHWAY_CONFIG
+
+    service = lite0_service
+    asked = {"selection": "neuron_integrated_gradients"}
+    [default] = service.validate([asked], explain=True)
+    assert service.explanation_passes(default.request) == 2 + 50 * 10
+    saved = service.limits
+    service.limits = replace(saved, max_passes_per_request=DEFAULT_PATHWAY_CONFIG["limits"]["max_passes_per_request"])
+    try:
+        service.validate([asked], explain=True)
+        with pytest.raises(InvalidOption) as refused:
+            service.validate([dict(asked, steps=20)], explain=True)
+        assert refused.value.code == "over_limit" and "1002 forward/backward passes" in refused.value.message
+    finally:
+        service.limits = saved
+
+
 def test_archive_caps_come_from_the_declarations():
     from handler.serving.archive import DEFAULT_PATHWAY_CONFIG, declared_caps
 

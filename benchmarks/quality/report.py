@@ -54,12 +54,17 @@ class Run:
     what: str
 
 
+#: Selections too costly to rerun at every randomisation stage: hundreds of optimisation steps per map, and a
+#: forward and backward per activation site and step.
+COSTLY_SELECTIONS = ("pruning_gates", "neuron_integrated_gradients")
+
+
 def randomisation_methods() -> list:
-    """Every variant but the pruning-gate pathway (hundreds of optimisation steps per map, at every stage)."""
+    """Every variant but the pathways of :data:`COSTLY_SELECTIONS` (their cost, at every stage)."""
     out = []
     for name in METHODS.names():
         if METHODS.get(name).uses_pathway:
-            out += [f"{name}@{s}" for s in SELECTIONS.names() if s != "pruning_gates"]
+            out += [f"{name}@{s}" for s in SELECTIONS.names() if s not in COSTLY_SELECTIONS]
         else:
             out.append(name)
     return out

@@ -19,6 +19,7 @@ FAST = {
     "pruning_gates": {"iterations": 4},
     "resampling_correlation": {"copies": 6, "chunk_size": 4},
     "resampling_precision": {"copies": 6, "chunk_size": 4},
+    "neuron_integrated_gradients": {"steps": 2, "chunk_size": 3},
 }
 
 
@@ -259,6 +260,47 @@ def test_resampling_never_forwards_more_than_a_chunk(small_cnn, inputs):
     SELECTIONS.get("resampling_precision")(spy, inputs, torch.tensor([-1, -1, -1]), [0.5] * 3,
                                            copies=5, chunk_size=4)
     assert max(seen) == 4 and sum(seen) == 15
+
+
+def test_neuron_integrated_gradients_add_up_per_layer_and_equal_the_contribution_where_the_rest_is_linear(
+        small_cnn, inputs):
+    """Per site, the signed scores sum to the target logit minus the logit with that site zeroed (integrated
+    gradients' completeness along the layer, to the midpoint rule's error); after the last ReLU the network is
+    linear, so there the score is exactly the contribution |a · ∂y/∂a|."""
+    from handler.engine.contribution import _abs_contribution, score_neurons
+    from handler.engine.selections import neuron_integrated_gradients
+
+    targets = torch.tensor([-1, 2, -1])
+    attributions, _, layout, logits, resolved = neuron_integrated_gradients(small_cnn, inputs, targets, 256, 64)
+    contribution, *_ = score_neurons(small_cnn, inputs, targets, _abs_contribution)
+    first, last = layout.sites[0], layout.sites[-1]
+    span = slice(last.offset, last.offset + last.numel)
+    torch.testing.assert_close(attributions[:, span].abs(), contribution[:, span])
+    head = slice(first.offset, first.offset + first.numel)
+    assert not torch.allclose(attributions[:, head].abs(), contribution[:, head])  # the later ReLU switches
+    target_logit = logits.gather(1, resolved[:, None]).squeeze(1)
+    for site in layout:
+        def zeroed(call, site=site):
+            out = call.run()
+            return out * 0 if call.site.index == site.index else out
+
+        with torch.no_grad(), instrument(small_cnn, zeroed, expected=layout, inputs=inputs):
+            without = small_cnn(inputs).gather(1, resolved[:, None]).squeeze(1)
+        summed = attributions[:, site.offset:site.offset + site.numel].sum(dim=1)
+        torch.testing.assert_close(summed, target_logit - without, rtol=2e-3, atol=1e-6)
+
+
+def test_neuron_integrated_gradients_do_not_depend_on_the_batch_or_the_chunk(small_cnn, inputs):
+    from handler.engine.selections import neuron_integrated_gradients
+
+    targets = torch.tensor([-1, 2, -1])
+    together, *_ = neuron_integrated_gradients(small_cnn, inputs, targets, 5, 4)
+    for chunk in (1, 7):
+        other, *_ = neuron_integrated_gradients(small_cnn, inputs, targets, 5, chunk)
+        torch.testing.assert_close(other, together)
+    for i in range(inputs.shape[0]):
+        alone, *_ = neuron_integrated_gradients(small_cnn, inputs[i:i + 1], targets[i:i + 1], 5, 4)
+        torch.testing.assert_close(alone, together[i:i + 1])
 
 
 # -- the model is left as it was --------------------------------------------------
