@@ -64,7 +64,7 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
 @functools.lru_cache(maxsize=1)
 def package_version() -> str:
     """The installed package's name and version, read once: ``importlib.metadata`` parses the package's
-    metadata file on every call, a few milliseconds per response."""
+    metadata file on every call, which every response and verification would otherwise pay."""
     try:
         return f"{PACKAGE} {importlib.metadata.version(PACKAGE)}"
     except importlib.metadata.PackageNotFoundError:
