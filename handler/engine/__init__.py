@@ -42,6 +42,7 @@ from .sites import Site, SiteCall, SiteLayout, SiteMismatchError, instrument
 __all__ = [
     "Attribution", "BatchSplit", "DEFAULT_PASS_BATCH", "DEFAULTS", "ExplainRequest", "Explainer", "Explanation", "InputNormalisation",
     "METHODS", "MemoryBudget", "OptionSpec", "Pathway", "REDUCTIONS", "Registry", "SELECTIONS", "Site", "SiteCall",
-    "SiteLayout", "SiteMismatchError", "ValidRequest", "resolve_pass_batch", "check_sparsity", "explaining", "instrument", "is_out_of_memory", "is_positive_int",
+    "SiteLayout", "SiteMismatchError", "ValidRequest", "resolve_pass_batch", "check_sparsity", "explaining",
+    "instrument", "is_out_of_memory", "is_positive_int",
     "observe_network", "register_method", "register_selection", "release_cached_memory", "run_along",
 ]
