@@ -10,7 +10,8 @@ Every explanation document carries a ``provenance`` object::
       "preprocessing": {...},         # resize, crop, interpolation, mean, std
       "image_sha256": "...",          # of the image bytes received (before decoding)
       "device": "cpu", "torch": "2.14.1+cu130",
-      "preparation": "49 BatchNorm(s) folded, channels_last",   # what was done to the explained model, or "none"
+      "preparation": "49 BatchNorm(s) folded, 5 same padding(s) folded, channels_last",
+                                      # what was done to the explained model, or "none"
       "torch_threads": 2,             # CPU intra-op threads (None on a GPU): the bits depend on them
       "pass_batch": 1,                # the pass shape (padded)
       "attribution_sha256": "..."     # see attribution_sha256()

@@ -105,7 +105,7 @@ def test_every_explanation_document_records_its_provenance(lite0_service, coffee
     assert record["options"]["top_k"] == 5 and "method_options" in record["options"]
     assert record["preprocessing"]["crop"] == 224 and record["device"] == "cpu"
     assert record["torch"] == torch.__version__ and record["pass_batch"] == 1  # "auto" on the CPU
-    assert record["preparation"] == "49 BatchNorm(s) folded, channels_last"  # what explanations ran on
+    assert record["preparation"] == "49 BatchNorm(s) folded, 5 same padding(s) folded, channels_last"  # what explanations ran on
     assert record["package"].startswith("pathway-explainer ") and record["revision"]
     # the server's default response (heatmap + pathway, inline) stays within its budget with the record
     [served] = lite0_service.explain([lite0_service.decode(coffee)], [result_options(lite0_service)])
@@ -186,7 +186,7 @@ def test_verify_names_a_different_model_preparation(lite0_service, coffee):
     assert as_trained.preparation == "none"
     refused = as_trained.verify(document, coffee)
     assert not refused.ok and refused.differences[0] == "preparation", refused.message
-    assert "49 BatchNorm(s) folded, channels_last" in refused.message
+    assert "49 BatchNorm(s) folded, 5 same padding(s) folded, channels_last" in refused.message
 
 
 def test_cli_verify_refuses_tampered_weights(lite0_service, coffee, photos, tmp_path, capsys):

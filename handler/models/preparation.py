@@ -9,6 +9,14 @@ the engine's activation sites (:mod:`handler.engine.sites`, named by module path
 and call order) are the same before and after. The arithmetic is torch's own
 (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`).
 
+TensorFlow's "same" padding of a strided convolution is asymmetric (one more
+zero after than before), which ``conv2d`` cannot express, so timm's
+``Conv2dSame`` copies its input into a padded tensor first: a fill and a copy
+forward, a slice copied backward. Each such convolution is replaced by a
+:class:`SamePaddedConv2d` that lets the convolution pad: the kernel gets one zero
+tap in front where the padding is asymmetric, and the padding becomes symmetric
+(:func:`fold_same_padding`). Every output is the same sum of the same products.
+
 Pairs are found by a :mod:`torch.fx` symbolic trace (convolutions and
 BatchNorms as leaves) of the largest subtrees that trace; a pair is folded only
 when the BatchNorm's one input is the convolution's output, that output has no
@@ -40,11 +48,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -75,6 +86,8 @@ class Preparation:
     frozen copy is the fastest (the eager model pays for its Python module calls), at a batch of four the
     eager channels-last model is, by far. The eager model is the one explanations run, so only the frozen
     copy costs memory. On a GPU, not measured.
+    ``fold_padding``: TF-"same" zero padding (timm's ``Conv2dSame``) done by the convolution itself instead
+    of a padded copy of its input (:func:`fold_same_padding`).
     ``explain_prepared``: explanations run the prepared model too (the default). An explanation's neuron
     threshold is sensitive to float rounding: folding and the memory format move a few near-tie neurons across
     it, as a change of thread count or pass shape does; on the sample photos the maps agree with the trained
@@ -86,6 +99,7 @@ class Preparation:
     memory_format: str = "auto"
     predict: str = "auto"
     explain_prepared: bool = True
+    fold_padding: bool = True
 
     @classmethod
     def from_value(cls, value) -> "Preparation":
@@ -95,11 +109,11 @@ class Preparation:
             return UNPREPARED
         if not isinstance(value, dict):
             raise PreparationError(f"prepare must be true, false or an object, not {value!r}")
-        unknown = set(value) - {"fold_batchnorm", "memory_format", "predict", "explain_prepared"}
+        unknown = set(value) - {f.name for f in fields(cls)}
         if unknown:
             raise PreparationError(f"prepare has unknown fields: {', '.join(sorted(unknown))}")
         prep = cls(**value)
-        for flag in ("fold_batchnorm", "explain_prepared"):
+        for flag in ("fold_batchnorm", "explain_prepared", "fold_padding"):
             if not isinstance(getattr(prep, flag), bool):
                 raise PreparationError(f"prepare.{flag} must be true or false, not {getattr(prep, flag)!r}")
         if prep.memory_format not in MEMORY_FORMATS:
@@ -121,11 +135,12 @@ class Preparation:
     @property
     def changes_model(self) -> bool:
         """Whether preparing may change the model (``auto`` may choose channels-last)."""
-        return self.fold_batchnorm or self.memory_format != "contiguous"
+        return self.fold_batchnorm or self.fold_padding or self.memory_format != "contiguous"
 
 
 #: No preparation: the model as built and loaded.
-UNPREPARED = Preparation(fold_batchnorm=False, memory_format="contiguous", predict="eager", explain_prepared=False)
+UNPREPARED = Preparation(fold_batchnorm=False, memory_format="contiguous", predict="eager", explain_prepared=False,
+                         fold_padding=False)
 
 
 @dataclass
@@ -133,17 +148,19 @@ class PreparationReport:
     """What preparation did to one model (logged at load, kept on the :class:`~handler.models.LoadedModel`)."""
 
     folded: list = field(default_factory=list)  # (convolution path, BatchNorm path)
+    padded: list = field(default_factory=list)  # paths of the convolutions that now pad themselves
     memory_format: str = "contiguous"
     reverted: Optional[str] = None  # why the prepared model was discarded, if it was
 
     @property
     def changed(self) -> bool:
-        return bool(self.folded) or self.memory_format != "contiguous"
+        return bool(self.folded) or bool(self.padded) or self.memory_format != "contiguous"
 
     def summary(self) -> str:
         if self.reverted:
             return f"unprepared ({self.reverted})"
-        return f"{len(self.folded)} BatchNorm(s) folded, {self.memory_format}"
+        padded = f", {len(self.padded)} same padding(s) folded" if self.padded else ""
+        return f"{len(self.folded)} BatchNorm(s) folded{padded}, {self.memory_format}"
 
 
 # ---------------------------------------------------------------------------
@@ -283,6 +300,72 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------
+# TF-"same" padding done by the convolution
+# ---------------------------------------------------------------------------
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple:
+    """``(before, after)``: TensorFlow's "same" zero padding of one spatial dimension (the output has
+    ``ceil(size / stride)`` positions; an odd total puts the extra zero after), as timm computes it."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class SamePaddedConv2d(nn.Conv2d):
+    """A 2-D convolution with TF-"same" padding that pads inside the convolution, not in a copy of its input.
+
+    Where a dimension's padding is symmetric the convolution pads it as it is. Where it has one zero more
+    after than before (a strided convolution of an even size), a zero tap in front of the kernel and one
+    more zero before make it symmetric: output ``i`` then reads the same inputs with the same weights plus
+    one zero product, as the padded input gave it. Dilated kernels with asymmetric padding keep the explicit
+    pad (a zero tap there would shift by the dilation). The weight is the module's own, so a change to it
+    (the evaluation suite re-initialises weights) is seen at the next call.
+    """
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "SamePaddedConv2d":
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                     conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        module.weight, module.bias = conv.weight, conv.bias
+        return module.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = [same_padding(n, k, s, d) for n, k, s, d in
+                zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
+        shifts = [after - before for before, after in pads]
+        if any(shifts) and self.dilation != (1, 1):
+            (top, bottom), (left, right) = pads
+            return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0,
+                            self.dilation, self.groups)
+        weight = F.pad(self.weight, (shifts[1], 0, shifts[0], 0)) if any(shifts) else self.weight
+        return F.conv2d(x, weight, self.bias, self.stride, (pads[0][1], pads[1][1]), self.dilation, self.groups)
+
+
+def _dynamic_same_padding_convolutions() -> tuple:
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return ()
+    return (Conv2dSame,)
+
+
+def fold_same_padding(model: nn.Module) -> list:
+    """Replace, in place, each of timm's ``Conv2dSame`` (its exact class, owned once, without hooks) by a
+    :class:`SamePaddedConv2d` with the same weight and bias; returns the paths replaced."""
+    kinds = _dynamic_same_padding_convolutions()
+    owners = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    replaced = []
+    for path, conv in list(model.named_modules()):
+        if type(conv) not in kinds or owners[id(conv)] != 1 or conv._forward_hooks or conv._forward_pre_hooks:
+            continue
+        if conv.padding_mode != "zeros" or torch.nn.utils.parametrize.is_parametrized(conv):
+            continue
+        _set_submodule(model, path, SamePaddedConv2d.from_conv(conv))
+        replaced.append(path)
+    return replaced
+
+
+# ---------------------------------------------------------------------------
 # Memory format
 # ---------------------------------------------------------------------------
 
@@ -330,6 +413,8 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
         prepared = copy.deepcopy(model)  # explanations then say why, per image
         if settings.fold_batchnorm:
             report.folded = fold_batchnorms(prepared)
+        if settings.fold_padding:
+            report.padded = fold_same_padding(prepared)
         fmt = settings.resolved_memory_format(prepared, x.device)
         set_memory_format(prepared, fmt)
         report.memory_format = fmt
@@ -360,7 +445,10 @@ class FrozenPredictor(nn.Module):
         self.channels_last = memory_format == "channels_last"
         copied = copy.deepcopy(eager)
         set_memory_format(copied, memory_format)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # shape-dependent Python (a SamePaddedConv2d's padding) is fixed at the traced shape, which is the only
+            # shape this copy is given (forward sends any other to the eager model)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(copied, self._layout(x), check_trace=False)
             self.frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         self.eager = [eager]  # not a submodule: its parameters are not this module's

@@ -185,6 +185,12 @@ def assert_batch_matches_alone(name: str, batch: list, alone: list, size: int) -
         # The same pathway alone as in the batch: neuron for neuron, up to the few scores that float rounding
         # moves across the threshold (2 of 377 k neurons in HRNet here), which can move the map a little.
         assert abs(single.pathway["kept_neurons"] - summary["kept_neurons"]) <= 1e-4 * summary["total_neurons"]
+        if [s["kept"] for s in single.pathway["sites"]] != [s["kept"] for s in summary["sites"]]:
+            # Near-tie scores crossed the threshold: then the map can move more than a little (densenet121's
+            # second sample on an Intel Xeon: a few neurons at 28 of its sites, Pearson 0.85), as the README's
+            # "Not built yet" says. The exact comparison at a fixed pass shape (assert_neighbours_change_no_bit)
+            # holds every model's map to its bits instead.
+            continue
         if together.attribution_scale > 0 and single.attribution_scale > 0:
             assert together.attribution_scale == pytest.approx(single.attribution_scale, rel=5e-2)
             assert np.abs(together.attribution - single.attribution).mean() < 1e-2
@@ -192,6 +198,21 @@ def assert_batch_matches_alone(name: str, batch: list, alone: list, size: int) -
                 assert np.corrcoef(together.attribution.ravel(), single.attribution.ravel())[0, 1] > 0.95
         else:
             assert together.attribution_scale == single.attribution_scale == 0
+
+
+def assert_neighbours_change_no_bit(explainer: Explainer, x: torch.Tensor) -> None:
+    """At a fixed pass shape (what the server runs, ``pass_batch``) a sample's explanation is bit for bit the same
+    whatever shares its pass: the shape decides the kernels' rounding, the neighbours nothing. (Its position in
+    the pass can matter: regnet_y_400mf's squeeze-excitation rounds its second row differently on an Intel Xeon.)"""
+    batch = explainer.explain(x, list(TARGETS), sparsity=SPARSITY)
+    for b in range(len(TARGETS)):
+        neighbours = -x.flip(-1)
+        neighbours[b] = x[b]
+        again = explainer.explain(neighbours, list(TARGETS), sparsity=SPARSITY)[b]
+        assert again.pass_batch == batch[b].pass_batch == explainer.pass_batch
+        assert again.pathway["kept_neurons"] == batch[b].pathway["kept_neurons"], b
+        assert again.attribution_scale == batch[b].attribution_scale, b
+        assert np.array_equal(again.attribution, batch[b].attribution), b
 
 
 @pytest.mark.parametrize("source, name, size", _torchvision_cases() + _timm_cases())
@@ -206,6 +227,7 @@ def test_model_explains_a_batch_like_its_samples_and_is_left_untouched(source, n
     alone = [explainer.explain(x[i:i + 1], [t], sparsity=SPARSITY)[0] for i, t in enumerate(TARGETS)]
 
     assert_batch_matches_alone(name, batch, alone, size)
+    assert_neighbours_change_no_bit(Explainer(model, labels=explainer.labels, pass_batch=len(TARGETS)), x)
 
     model_after = model_state(model)
     assert_same_state(before, model_after)

@@ -14,7 +14,8 @@ from handler import ExplanationService
 from handler.engine.sites import trace_sites
 from handler.models import ModelLoadError, ModelSpec, UNPREPARED, Preparation, get_spec, load_model
 from handler.models import preparation
-from handler.models.preparation import FrozenPredictor, fold_batchnorms, frozen_predictor, prepare_model
+from handler.models.preparation import FrozenPredictor, SamePaddedConv2d, fold_batchnorms, fold_same_padding, \
+    frozen_predictor, prepare_model
 from handler.schema import parse_options
 
 
@@ -43,6 +44,9 @@ CLASSIFIERS = {
 #: How many BatchNorms directly follow a convolution in each (the ones a correct fold must find).
 FOLDABLE = {"resnet18": 20, "mobilenet_v3_small": 34, "efficientnet_b0": 49, "regnet_y_400mf": 53,
             "convnext_tiny": 0, "densenet121": 59, "timm_vit_tiny": 0, "timm_efficientnet_lite0": 49}
+#: How many convolutions pad a copy of their input for TF-"same" padding (timm's ``Conv2dSame``): the stem and
+#: the four strided depthwise convolutions of the TF-ported EfficientNet-Lite0.
+SAME_PADDED = {"timm_efficientnet_lite0": 5}
 
 
 def _max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,6 +66,9 @@ def test_folding_and_channels_last_keep_outputs_and_activation_sites(name):
     for conv_path, bn_path in folded:
         assert not isinstance(prepared.get_submodule(bn_path), nn.modules.batchnorm._BatchNorm)
         assert prepared.get_submodule(conv_path).bias is not None
+    padded = fold_same_padding(prepared)
+    assert len(padded) == SAME_PADDED.get(name, 0)
+    assert all(type(prepared.get_submodule(path)) is SamePaddedConv2d for path in padded)
     prepared.to(memory_format=torch.channels_last)
     with torch.no_grad():
         got = prepared(x)
@@ -75,6 +82,8 @@ def test_efficientnet_lite0_with_its_weights_is_prepared_exactly_and_keeps_every
     loaded = load_model(spec.replace(prepare=Preparation(explain_prepared=True, memory_format="channels_last")))
     assert loaded.preparation.reverted is None
     assert len(loaded.preparation.folded) == 49
+    assert len(loaded.preparation.padded) == 5
+    assert not any(type(m).__name__ == "Conv2dSame" for m in loaded.module.modules())
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in loaded.module.modules())
     assert loaded.module.conv_head.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
@@ -84,6 +93,87 @@ def test_efficientnet_lite0_with_its_weights_is_prepared_exactly_and_keeps_every
     assert _max_relative_error(got, expected) < 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
     assert trace_sites(loaded.module, x) == trace_sites(as_trained, x)
+
+
+SAME_PADDING_CASES = [
+    # (in, out, groups, kernel, stride, dilation, (height, width)): even and odd sizes, so the padding is
+    # asymmetric in one dimension, both or neither
+    (6, 6, 6, 3, 2, 1, (16, 16)),
+    (6, 6, 6, 5, 2, 1, (15, 16)),
+    (6, 6, 6, 3, 2, 1, (17, 15)),
+    (3, 8, 1, 3, 2, 1, (16, 17)),
+    (4, 5, 1, (3, 5), (2, 1), 1, (14, 13)),
+    (4, 4, 4, 5, 1, 1, (12, 12)),
+    (4, 4, 2, 4, 2, 1, (12, 11)),  # an even kernel
+    (4, 4, 4, 3, 2, 2, (16, 16)),  # dilated and asymmetric: the explicit pad stays
+    (4, 4, 4, 3, 1, 2, (13, 13)),  # dilated and symmetric
+    (4, 4, 1, 1, 2, 1, (16, 16)),  # no padding at all
+]
+
+
+@pytest.mark.parametrize("case", SAME_PADDING_CASES, ids=[str(i) for i in range(len(SAME_PADDING_CASES))])
+def test_same_padded_convolution_computes_what_timms_padded_copy_computes(case):
+    from timm.layers import Conv2dSame
+
+    in_channels, out_channels, groups, kernel, stride, dilation, size = case
+    torch.manual_seed(0)
+    reference = Conv2dSame(in_channels, out_channels, kernel, stride, dilation=dilation, groups=groups).eval()
+    replaced = SamePaddedConv2d.from_conv(reference)
+    assert replaced.weight is reference.weight and replaced.bias is reference.bias
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, in_channels, *size).contiguous(memory_format=layout).requires_grad_(True)
+        expected = reference(x)
+        got = replaced(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        grad = torch.randn_like(expected)
+        torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_same_padded_convolution_reads_its_weight_at_each_call():
+    """The evaluation suite re-initialises weights in place: nothing derived from them may be kept."""
+    from timm.layers import Conv2dSame
+
+    reference = Conv2dSame(3, 3, 3, 2, groups=3)
+    conv = SamePaddedConv2d.from_conv(reference)  # shares the weight and bias
+    x = torch.randn(1, 3, 8, 8)
+    before = conv(x)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.zero_()
+        after = conv(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, reference(x))
+
+
+def test_only_timms_own_same_padded_convolutions_are_replaced():
+    from timm.layers import Conv2dSame
+
+    class Subclass(Conv2dSame):  # may use its weight in its own way
+        pass
+
+    shared = Conv2dSame(3, 3, 3, 2)
+    model = nn.Sequential(Conv2dSame(3, 3, 3, 2), Subclass(3, 3, 3, 2), shared, shared, nn.Conv2d(3, 3, 3))
+    hooked = Conv2dSame(3, 3, 3, 2)
+    hooked.register_forward_hook(lambda *_: None)
+    model.append(hooked)
+    assert fold_same_padding(model) == ["0"]
+    assert type(model[0]) is SamePaddedConv2d and type(model[1]) is Subclass and model[2] is shared
+
+
+def test_the_padding_fold_is_switchable_and_named_in_the_preparation():
+    spec = get_spec("efficientnet_lite0")
+    unfolded = load_model(spec.replace(prepare=Preparation(fold_padding=False)))
+    assert unfolded.preparation.padded == []
+    assert sum(type(m).__name__ == "Conv2dSame" for m in unfolded.module.modules()) == 5
+    assert unfolded.explained_preparation == "49 BatchNorm(s) folded, channels_last"
+    assert Preparation.from_value({"fold_padding": False}) == Preparation(fold_padding=False)
+    with pytest.raises(preparation.PreparationError, match="fold_padding"):
+        Preparation.from_value({"fold_padding": "no"})
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(spec).module(x), unfolded.module(x), rtol=1e-5, atol=1e-5)
 
 
 class SharedOutput(nn.Module):
@@ -254,7 +344,7 @@ def two_threads():
 def test_explanations_and_predictions_are_unchanged_by_preparation(photos, unprepared_service, prepared_service,
                                                                    two_threads):
     assert prepared_service.predictor.eager[0] is prepared_service.explainer.model  # one prepared model
-    assert prepared_service.preparation == "49 BatchNorm(s) folded, channels_last"  # explanations run it too
+    assert prepared_service.preparation == "49 BatchNorm(s) folded, 5 same padding(s) folded, channels_last"  # explanations run it too
     images = [prepared_service.decode(path.read_bytes()) for path in photos.values()]
     options = [parse_options({})] * len(images)
     before = unprepared_service.explain(images, options, attribution_dtype=np.float32)
