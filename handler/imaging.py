@@ -423,15 +423,18 @@ def gaussian_smooth(values: np.ndarray, sigma: float) -> np.ndarray:
     values = np.asarray(values, dtype=np.float32)
     if sigma <= 0:
         return values.copy()
-
-    def blur_matrix(n: int) -> np.ndarray:
-        idx = np.arange(n, dtype=np.float32)
-        weights = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / sigma) ** 2)
-        weights[np.abs(idx[:, None] - idx[None, :]) > math.ceil(4 * sigma)] = 0
-        return weights / weights.sum(1, keepdims=True)
-
-    rows, columns = (torch.from_numpy(blur_matrix(n)) for n in values.shape)
+    rows, columns = (_blur_matrix(n, float(sigma)) for n in values.shape)
     return (rows @ torch.from_numpy(values) @ columns.T).numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """The ``n``×``n`` row-normalised Gaussian weights of :func:`gaussian_smooth` (kept: every map of a model has
+    the same size, and building them cost about as much as the blur itself)."""
+    idx = np.arange(n, dtype=np.float32)
+    weights = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / sigma) ** 2)
+    weights[np.abs(idx[:, None] - idx[None, :]) > math.ceil(4 * sigma)] = 0
+    return torch.from_numpy(weights / weights.sum(1, keepdims=True))
 
 
 def display_values(attribution: np.ndarray, settings: "VisualizationSettings" = VisualizationSettings()) -> np.ndarray:
