@@ -15,7 +15,9 @@ zero after than before), which ``conv2d`` cannot express, so timm's
 forward, a slice copied backward. Each such convolution is replaced by a
 :class:`SamePaddedConv2d` that lets the convolution pad: the kernel gets one zero
 tap in front where the padding is asymmetric, and the padding becomes symmetric
-(:func:`fold_same_padding`). Every output is the same sum of the same products.
+(:func:`fold_same_padding`). Each output sums the same products plus one zero:
+EfficientNet-Lite0's logits are the same bits; gradients may differ in their
+last bits (the backward sums in another order).
 
 Pairs are found by a :mod:`torch.fx` symbolic trace (convolutions and
 BatchNorms as leaves) of the largest subtrees that trace; a pair is folded only
