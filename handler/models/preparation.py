@@ -89,7 +89,9 @@ class Preparation:
     eager channels-last model is, by far. The eager model is the one explanations run, so only the frozen
     copy costs memory. On a GPU, not measured.
     ``fold_padding``: TF-"same" zero padding (timm's ``Conv2dSame``) done by the convolution itself instead
-    of a padded copy of its input (:func:`fold_same_padding`).
+    of a padded copy of its input (:func:`fold_same_padding`): ``true``, ``false`` or ``"auto"`` (on the CPU,
+    where it was measured; off on a GPU, whose depthwise kernels are tuned for odd sizes and where it was
+    not measured).
     ``explain_prepared``: explanations run the prepared model too (the default). An explanation's neuron
     threshold is sensitive to float rounding: folding and the memory format move a few near-tie neurons across
     it, as a change of thread count or pass shape does; on the sample photos the maps agree with the trained
@@ -101,7 +103,7 @@ class Preparation:
     memory_format: str = "auto"
     predict: str = "auto"
     explain_prepared: bool = True
-    fold_padding: bool = True
+    fold_padding: Union[bool, str] = "auto"
 
     @classmethod
     def from_value(cls, value) -> "Preparation":
@@ -115,9 +117,11 @@ class Preparation:
         if unknown:
             raise PreparationError(f"prepare has unknown fields: {', '.join(sorted(unknown))}")
         prep = cls(**value)
-        for flag in ("fold_batchnorm", "explain_prepared", "fold_padding"):
+        for flag in ("fold_batchnorm", "explain_prepared"):
             if not isinstance(getattr(prep, flag), bool):
                 raise PreparationError(f"prepare.{flag} must be true or false, not {getattr(prep, flag)!r}")
+        if not isinstance(prep.fold_padding, bool) and prep.fold_padding != "auto":
+            raise PreparationError(f"prepare.fold_padding must be true, false or \"auto\", not {prep.fold_padding!r}")
         if prep.memory_format not in MEMORY_FORMATS:
             raise PreparationError(f"prepare.memory_format must be one of {', '.join(MEMORY_FORMATS)}, "
                                    f"not {prep.memory_format!r}")
@@ -137,7 +141,13 @@ class Preparation:
     @property
     def changes_model(self) -> bool:
         """Whether preparing may change the model (``auto`` may choose channels-last)."""
-        return self.fold_batchnorm or self.fold_padding or self.memory_format != "contiguous"
+        return self.fold_batchnorm or self.fold_padding is not False or self.memory_format != "contiguous"
+
+    def resolved_fold_padding(self, device: torch.device) -> bool:
+        """Whether the padding fold applies on ``device`` (``"auto"``: on the CPU only)."""
+        if self.fold_padding == "auto":
+            return torch.device(device).type == "cpu"
+        return bool(self.fold_padding)
 
 
 #: No preparation: the model as built and loaded.
@@ -415,7 +425,7 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
         prepared = copy.deepcopy(model)  # explanations then say why, per image
         if settings.fold_batchnorm:
             report.folded = fold_batchnorms(prepared)
-        if settings.fold_padding:
+        if settings.resolved_fold_padding(x.device):
             report.padded = fold_same_padding(prepared)
         fmt = settings.resolved_memory_format(prepared, x.device)
         set_memory_format(prepared, fmt)

@@ -171,6 +171,11 @@ def test_the_padding_fold_is_switchable_and_named_in_the_preparation():
     assert Preparation.from_value({"fold_padding": False}) == Preparation(fold_padding=False)
     with pytest.raises(preparation.PreparationError, match="fold_padding"):
         Preparation.from_value({"fold_padding": "no"})
+    # "auto", the default: on the CPU, where it was measured; not on a GPU, where it was not
+    assert Preparation().fold_padding == "auto" == Preparation.from_value({"fold_padding": "auto"}).fold_padding
+    assert Preparation().resolved_fold_padding(torch.device("cpu"))
+    assert not Preparation().resolved_fold_padding(torch.device("cuda"))
+    assert Preparation(fold_padding=True).resolved_fold_padding(torch.device("cuda"))
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(load_model(spec).module(x), unfolded.module(x), rtol=1e-5, atol=1e-5)
