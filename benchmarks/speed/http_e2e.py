@@ -13,9 +13,9 @@ records per-request latency (p50, p95), throughput and response bytes. One more 
 (gradient)``, is this handler's ``/explanations`` with ``X-Explain-Method: gradient``: one forward and
 one backward with the same decoding, rendering and response as the pathway gradient, measured in the
 same rounds. It is the method-independent part of an explanation over HTTP, so the run itself shows
-how much of the 2x budget against a stock prediction is left for the pathway's second pass. Both archives use the same
-worker settings (1 worker, batchSize 4, maxBatchDelay 20 ms; ``--workers 2`` for two per model, each
-with the threads ``model-config.yaml``'s ``auto`` gives it). Run:
+how much of the 2x budget against a stock prediction is left for the pathway's second pass. Both
+archives use the same worker settings (1 worker, batchSize 4, maxBatchDelay 20 ms; ``--workers 2`` for
+two per model, each with the threads ``model-config.yaml``'s ``auto`` gives it). Run:
 ``.venv/bin/python benchmarks/speed/http_e2e.py`` (about 10 minutes on 2 CPU cores); writes
 ``benchmarks/speed/results/http-<device>.{json,md}`` (``--name`` changes the stem). ``--no-stock-explanations``
 leaves out the stock IG explanations (minutes at 8 clients), which the acceptance ratios do not need.
@@ -241,10 +241,11 @@ def main() -> None:
     lines.append(f"- 1 client: /explanations p50 = {explanations['p50_ms'] / stock_p1['p50_ms']:.2f}× the stock "
                  f"/predictions p50 ({_round_range(explanations, stock_p1, 'p50_ms')}; goal ≤ 2.0×)")
     gradient = find("efficientnet_lite0", "explanations (gradient)", 1)
-    lines.append(f"- for reference, 1 client: a one-pass gradient explanation through the same handler (same decoding, "
-                 f"rendering and response) = {gradient['p50_ms'] / stock_p1['p50_ms']:.2f}× the stock /predictions p50 "
-                 f"({_round_range(gradient, stock_p1, 'p50_ms')}); the pathway gradient = "
-                 f"{explanations['p50_ms'] / gradient['p50_ms']:.2f}× it ({_round_range(explanations, gradient, 'p50_ms')}): "
+    lines.append(f"- for reference, 1 client: a one-pass gradient explanation through the same handler (same "
+                 f"decoding, rendering and response) = {gradient['p50_ms'] / stock_p1['p50_ms']:.2f}× the stock "
+                 f"/predictions p50 ({_round_range(gradient, stock_p1, 'p50_ms')}); the pathway gradient = "
+                 f"{explanations['p50_ms'] / gradient['p50_ms']:.2f}× it "
+                 f"({_round_range(explanations, gradient, 'p50_ms')}): "
                  f"the 2× goal leaves {2 * stock_p1['p50_ms'] - gradient['p50_ms']:.0f} ms beyond the one-pass "
                  f"explanation, and the pathway's second pass and per-neuron work take "
                  f"{explanations['p50_ms'] - gradient['p50_ms']:.0f} ms")

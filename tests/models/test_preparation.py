@@ -349,7 +349,8 @@ def two_threads():
 def test_explanations_and_predictions_are_unchanged_by_preparation(photos, unprepared_service, prepared_service,
                                                                    two_threads):
     assert prepared_service.predictor.eager[0] is prepared_service.explainer.model  # one prepared model
-    assert prepared_service.preparation == "49 BatchNorm(s) folded, 5 same padding(s) folded, channels_last"  # explanations run it too
+    # explanations run it too
+    assert prepared_service.preparation == "49 BatchNorm(s) folded, 5 same padding(s) folded, channels_last"
     images = [prepared_service.decode(path.read_bytes()) for path in photos.values()]
     options = [parse_options({})] * len(images)
     before = unprepared_service.explain(images, options, attribution_dtype=np.float32)
