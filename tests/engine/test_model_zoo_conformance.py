@@ -100,6 +100,10 @@ TIMM_MODELS = {
     "mixer_s16_224": ("MLP-Mixer: token-mixing and channel-mixing GELU MLPs", 32, {"img_size": 32}),
     "poolformer_s12": ("PoolFormer: pooling token mixer", 32, {}),
     "fastvit_t8": ("FastViT: reparameterisable conv mixers, GELU", 64, {}),
+    "tf_mobilenetv3_small_minimal_100": ("TF-ported weights: asymmetric TF-\"same\" padding (timm's Conv2dSame), "
+                                         "ReLU", 32, {}),
+    "tf_mixnet_s": ("MixNet (TF-ported): mixed 3-9 kernels, each with TF-\"same\" padding, ReLU then Swish",
+                    32, {}),
 }
 #: Models whose own gradient differs between a batch and its samples one by one (measured on the plain
 #: model, without the engine, in float64), so the engine cannot make their maps batch-invariant; every other
