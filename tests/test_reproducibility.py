@@ -105,7 +105,8 @@ def test_every_explanation_document_records_its_provenance(lite0_service, coffee
     assert record["options"]["top_k"] == 5 and "method_options" in record["options"]
     assert record["preprocessing"]["crop"] == 224 and record["device"] == "cpu"
     assert record["torch"] == torch.__version__ and record["pass_batch"] == 1  # "auto" on the CPU
-    assert record["preparation"] == "49 BatchNorm(s) folded, 5 same padding(s) folded, channels_last"  # what explanations ran on
+    # what explanations ran on
+    assert record["preparation"] == "49 BatchNorm(s) folded, 5 same padding(s) folded, channels_last"
     assert record["package"].startswith("pathway-explainer ") and record["revision"]
     # the server's default response (heatmap + pathway, inline) stays within its budget with the record
     [served] = lite0_service.explain([lite0_service.decode(coffee)], [result_options(lite0_service)])

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -180,15 +179,19 @@ class PreparationReport:
 # ---------------------------------------------------------------------------
 
 
-def _foldable_convolutions() -> tuple:
-    kinds = [nn.Conv1d, nn.Conv2d, nn.Conv3d]
-    try:  # timm's TF-"same" padding: pads, then F.conv2d with its own weight and bias
+def _timm_conv2d_same() -> Optional[type]:
+    """timm's ``Conv2dSame`` (TF-"same" padding: pads a copy of its input, then ``F.conv2d`` with its own weight
+    and bias), or None without timm."""
+    try:
         from timm.layers import Conv2dSame
-
-        kinds.append(Conv2dSame)
     except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    return tuple(kinds)
+        return None
+    return Conv2dSame
+
+
+def _foldable_convolutions() -> tuple:
+    same = _timm_conv2d_same()
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d) + ((same,) if same is not None else ())
 
 
 def _batchnorm_act() -> Optional[type]:
@@ -317,9 +320,11 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple:
-    """``(before, after)``: TensorFlow's "same" zero padding of one spatial dimension (the output has
-    ``ceil(size / stride)`` positions; an odd total puts the extra zero after), as timm computes it."""
-    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    """``(before, after)``: TensorFlow's "same" zero padding of one spatial dimension, the total as timm's own
+    ``get_same_padding`` gives it (the output has ``ceil(size / stride)`` positions) and the odd zero after."""
+    from timm.layers import get_same_padding
+
+    total = get_same_padding(size, kernel, stride, dilation)
     return total // 2, total - total // 2
 
 
@@ -342,7 +347,8 @@ class SamePaddedConv2d(nn.Conv2d):
         return module.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = [same_padding(n, k, s, d) for n, k, s, d in
+        # int(): under torch.jit.trace a size is a tensor, and the padding must be Python ints
+        pads = [same_padding(int(n), k, s, d) for n, k, s, d in
                 zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)]
         shifts = [after - before for before, after in pads]
         if any(shifts) and self.dilation != (1, 1):
@@ -353,22 +359,16 @@ class SamePaddedConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, (pads[0][1], pads[1][1]), self.dilation, self.groups)
 
 
-def _dynamic_same_padding_convolutions() -> tuple:
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return ()
-    return (Conv2dSame,)
-
-
 def fold_same_padding(model: nn.Module) -> list:
     """Replace, in place, each of timm's ``Conv2dSame`` (its exact class, owned once, without hooks) by a
     :class:`SamePaddedConv2d` with the same weight and bias; returns the paths replaced."""
-    kinds = _dynamic_same_padding_convolutions()
+    same = _timm_conv2d_same()
+    if same is None:  # pragma: no cover - timm is a dependency
+        return []
     owners = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     replaced = []
     for path, conv in list(model.named_modules()):
-        if type(conv) not in kinds or owners[id(conv)] != 1 or conv._forward_hooks or conv._forward_pre_hooks:
+        if type(conv) is not same or owners[id(conv)] != 1 or conv._forward_hooks or conv._forward_pre_hooks:
             continue
         if conv.padding_mode != "zeros" or torch.nn.utils.parametrize.is_parametrized(conv):
             continue
