@@ -4,7 +4,8 @@ A ratio measured on another day, or another host, says little on these shared VM
 ±10–20 %). This script checks the earlier revision out into a temporary git worktree and runs
 ``benchmarks/speed/run.py`` there and here in turn, ``--runs`` times, so machine drift hits both alike.
 Each side runs as it was served at its revision (the earlier code on its own model loading, this checkout
-with its inference preparation). Reported per model and batch, each as the median and range over the runs:
+with its inference preparation; ``--as-trained`` runs this checkout on the models as trained, which tells
+the engine's changes from the preparation's). Reported per model and batch, each as the median and range over the runs:
 
 - the vanilla gradient (one forward + one backward) and the pathway gradient, in ms;
 - pathway / vanilla, the ratio the engine suite reports;
@@ -40,18 +41,20 @@ from benchmarks.common import git_revision, write_results  # noqa: E402
 SIDES = ("earlier", "current")
 
 
-def suite_command(python: str, out: Path, stem: str, args) -> list:
+def suite_command(python: str, out: Path, stem: str, args, current: bool) -> list:
     cmd = [python, "benchmarks/speed/run.py", "--models", args.models, "--batches", args.batches,
            "--methods", "vanilla,pathway", "--no-phases", "--stem", stem, "--out", str(out)]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
+    if current and args.as_trained:
+        cmd.append("--as-trained")
     return cmd
 
 
-def run_suite(tree: Path, out: Path, stem: str, args) -> dict:
+def run_suite(tree: Path, out: Path, stem: str, args, current: bool) -> dict:
     """One engine-suite run inside ``tree`` (its own ``handler`` package first on the path); its JSON payload."""
     env = dict(os.environ, PYTHONPATH=str(tree))
-    subprocess.run(suite_command(sys.executable, out, stem, args), cwd=tree, env=env, check=True,
+    subprocess.run(suite_command(sys.executable, out, stem, args, current), cwd=tree, env=env, check=True,
                    stdout=subprocess.DEVNULL)
     return json.loads((out / f"{stem}.json").read_text())
 
@@ -98,7 +101,9 @@ def markdown(rows: list, info: dict) -> str:
         f"{info['runs']} runs of `benchmarks/speed/run.py --methods vanilla,pathway` per side, earlier and current "
         f"in turn; each figure is the median over the runs (each run's own figure is its median of interleaved "
         f"rounds), the range in brackets. Load average {info['load'][0]:.1f} at the start, {info['load'][1]:.1f} "
-        f"at the end. Produced by `benchmarks/speed/against_revision.py`.",
+        f"at the end. {info['current_revision']} ran the models "
+        f"{'as trained (`--as-trained`)' if info.get('current_as_trained') else 'prepared as the server loads them'}"
+        f". Produced by `benchmarks/speed/against_revision.py`.",
         "",
         "| model | batch | revision | vanilla gradient (ms) | pathway gradient (ms) | pathway / vanilla "
         "| pathway − 2 × vanilla (ms) |",
@@ -122,6 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for both sides (default: torch's)")
+    parser.add_argument("--as-trained", action="store_true",
+                        help="run this checkout's side on the models as trained (no inference preparation), to "
+                             "tell the engine's changes from the preparation's")
     parser.add_argument("--stem", required=True, help="result file stem")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "speed" / "results")
     args = parser.parse_args(argv)
@@ -140,12 +148,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        check=True)
         try:
             for i in range(args.runs):
-                payloads["earlier"].append(run_suite(tree, out, f"earlier-{i}", args))
-                payloads["current"].append(run_suite(ROOT, out, f"current-{i}", args))
+                payloads["earlier"].append(run_suite(tree, out, f"earlier-{i}", args, current=False))
+                payloads["current"].append(run_suite(ROOT, out, f"current-{i}", args, current=True))
                 print(f"run {i + 1}/{args.runs} done", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
     info = {"earlier_revision": earlier_revision, "current_revision": git_revision(), "runs": args.runs,
+            "current_as_trained": args.as_trained,
             "machine": payloads["current"][0]["machine"], "load": (load_start, os.getloadavg()[0])}
     rows = summarise(payloads)
     payload = dict(info, options={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -52,10 +52,14 @@ def test_rows_without_both_methods_are_left_out_and_models_kept_apart():
             "| 40.0 (40.0–40.0) |") in text
 
 
-def test_suite_command_passes_threads_only_when_given(tmp_path):
-    args = argparse.Namespace(models="lite0", batches="1", threads=None)
-    assert "--threads" not in suite_command("python", tmp_path, "s", args)
+def test_suite_command_passes_threads_only_when_given_and_as_trained_only_to_this_checkout(tmp_path):
+    args = argparse.Namespace(models="lite0", batches="1", threads=None, as_trained=False)
+    assert "--threads" not in suite_command("python", tmp_path, "s", args, current=True)
     args.threads = 1
-    cmd = suite_command("python", tmp_path, "s", args)
+    cmd = suite_command("python", tmp_path, "s", args, current=True)
     assert cmd[cmd.index("--threads") + 1] == "1"
     assert cmd[cmd.index("--methods") + 1] == "vanilla,pathway"
+    assert "--as-trained" not in cmd
+    args.as_trained = True  # the earlier revision's suite may not know the flag
+    assert "--as-trained" in suite_command("python", tmp_path, "s", args, current=True)
+    assert "--as-trained" not in suite_command("python", tmp_path, "s", args, current=False)
