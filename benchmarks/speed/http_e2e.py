@@ -14,8 +14,9 @@ records per-request latency (p50, p95), throughput and response bytes. One more 
 one backward with the same decoding, rendering and response as the pathway gradient, measured in the
 same rounds. It is the method-independent part of an explanation over HTTP, so the run itself shows
 how much of the 2x budget against a stock prediction is left for the pathway's second pass. Both
-archives use the same worker settings (1 worker, batchSize 4, maxBatchDelay 20 ms; ``--workers 2`` for
-two per model, each with the threads ``model-config.yaml``'s ``auto`` gives it). Run:
+archives use the same worker settings (1 worker and the default archive's batchSize and maxBatchDelay;
+``--workers 2`` for two per model, each with the threads ``model-config.yaml``'s ``auto`` gives it;
+``--batch-size`` and ``--max-batch-delay`` change the batching of both). Run:
 ``.venv/bin/python benchmarks/speed/http_e2e.py`` (about 10 minutes on 2 CPU cores); writes
 ``benchmarks/speed/results/http-<device>.{json,md}`` (``--name`` changes the stem). ``--no-stock-explanations``
 leaves out the stock IG explanations (minutes at 8 clients), which the acceptance ratios do not need.
@@ -32,6 +33,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -48,8 +50,14 @@ from server_harness import Server  # noqa: E402
 WORKER = dict(DEFAULT_WORKER_CONFIG)
 
 
-def worker_config(workers: int) -> dict:
-    return dict(WORKER, minWorkers=workers, maxWorkers=workers)
+def worker_config(workers: int, batch_size: Optional[int] = None, max_batch_delay: Optional[int] = None) -> dict:
+    """Both deployments' model-config.yaml worker settings: the default archive's, with these overrides."""
+    config = dict(WORKER, minWorkers=workers, maxWorkers=workers)
+    if batch_size is not None:
+        config["batchSize"] = batch_size
+    if max_batch_delay is not None:
+        config["maxBatchDelay"] = max_batch_delay
+    return config
 
 
 def build_stock_archive(store: Path, work: Path, worker: dict) -> None:
@@ -130,13 +138,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
     parser.add_argument("--torch-threads", type=int,
                         help="torch threads per worker, both deployments (default: model-config.yaml's auto)")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"TorchServe batchSize, both deployments (default: the archive's, {WORKER['batchSize']})")
+    parser.add_argument("--max-batch-delay", type=int,
+                        help="TorchServe maxBatchDelay in ms, both deployments (default: the archive's, "
+                             f"{WORKER['maxBatchDelay']})")
     parser.add_argument("--rounds", type=int, default=4,
                         help="the requests of each row are sent in this many rounds, interleaved with the other "
                              "rows' (a drifting machine then moves every row alike)")
     parser.add_argument("--no-stock-explanations", action="store_true",
                         help="leave out the stock handler's IG explanations (minutes at 8 clients)")
     args = parser.parse_args()
-    worker = worker_config(args.workers)
+    worker = worker_config(args.workers, args.batch_size, args.max_batch_delay)
     routes = [("efficientnet_lite0", "predictions"), ("efficientnet_lite0", "explanations"),
               ("efficientnet_lite0", "explanations (gradient)"), ("stock_lite0", "predictions")]
     if not args.no_stock_explanations:
@@ -218,7 +231,8 @@ def main() -> None:
         f"Machine: {info.get('gpu', info['cpu'])}; {info['cpu_count']} CPU cores, torch {info['torch']}; "
         f"revision {git_revision()}. {args.workers} worker(s) per model ({threads[0]} torch thread(s) each: "
         f"{threads_note}), "
-        f"requests in {args.rounds} interleaved rounds, batchSize 4, maxBatchDelay 20 ms, {photo_note} as raw "
+        f"requests in {args.rounds} interleaved rounds, batchSize {worker['batchSize']}, maxBatchDelay "
+        f"{worker['maxBatchDelay']} ms, {photo_note} as raw "
         "bytes. `stock_lite0` is TorchServe's stock `image_classifier` handler on a "
         "TorchScript trace of the same network (explanations: Captum IG, 15 steps, nested JSON lists). "
         f"Server allocator: {allocator}.",
