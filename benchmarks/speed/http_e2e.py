@@ -9,8 +9,9 @@ same network, EfficientNet-Lite0 with the same weights:
   nested JSON lists (what a stock deployment gives).
 
 For each model, route and client count (1 and 8 concurrent clients), it sends the same photo and
-records per-request latency (p50, p95), throughput and response bytes. One more row, ``explanations
-(gradient)``, is this handler's ``/explanations`` with ``X-Explain-Method: gradient``: one forward and
+records per-request latency (p50, p95), throughput, response bytes and, for this handler, how many
+requests TorchServe put in each batch (the handler's ``pathway_batch_requests`` metric). One more row,
+``explanations (gradient)``, is this handler's ``/explanations`` with ``X-Explain-Method: gradient``: one forward and
 one backward with the same decoding, rendering and response as the pathway gradient, measured in the
 same rounds. It is the method-independent part of an explanation over HTTP, so the run itself shows
 how much of the 2x budget against a stock prediction is left for the pathway's second pass. Both
@@ -108,6 +109,17 @@ def measure(server: Server, model: str, route: str, photo: bytes, clients: int, 
     return [r[0] for r in results], time.perf_counter() - start, [r[1] for r in results]
 
 
+def batched_requests(server: Server, model: str) -> tuple:
+    """``(requests, batches)`` the handler of ``model`` has counted so far (its ``pathway_batch_requests``
+    histogram): how TorchServe grouped the requests. ``(0, 0)`` for a model without that metric (stock)."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in server.metrics().splitlines():
+        for kind in totals:
+            if line.startswith(f"pathway_batch_requests_{kind}{{") and f'ModelName="{model}"' in line:
+                totals[kind] += float(line.rsplit(" ", 1)[1])
+    return totals["sum"], totals["count"]
+
+
 def summarise(model: str, route: str, clients: int, latencies: list, wall: float, sizes: list) -> dict:
     latencies = sorted(latencies)
     return {
@@ -195,9 +207,14 @@ def main() -> None:
                 per_round = max(1, per_client // args.rounds)
                 gathered = {key: ([], 0.0, []) for key in routes}
                 rounds = {key: [] for key in routes}
+                batching = {key: [0.0, 0.0] for key in routes}
                 for _ in range(args.rounds):
                     for key in routes:
+                        before = batched_requests(server, key[0])
                         latencies, wall, sizes = measure(server, *key, photo, clients, per_round)
+                        time.sleep(0.2)  # the frontend reads a worker's metric lines shortly after its reply
+                        after = batched_requests(server, key[0])
+                        batching[key] = [total + a - b for total, a, b in zip(batching[key], after, before)]
                         kept = gathered[key]
                         gathered[key] = (kept[0] + latencies, kept[1] + wall, kept[2] + sizes)
                         rounds[key].append(summarise(*key, clients, latencies, wall, sizes))
@@ -205,6 +222,8 @@ def main() -> None:
                     row = summarise(model, route, clients, latencies, wall, sizes)
                     row["rounds"] = [{"p50_ms": r["p50_ms"], "throughput_rps": r["throughput_rps"]}
                                      for r in rounds[(model, route)]]
+                    requests_counted, batches = batching[(model, route)]
+                    row["requests_per_batch"] = requests_counted / batches if batches else None
                     rows.append(row)
                     print(f"{model:18s} {route:12s} clients={clients}: p50 {row['p50_ms']:.0f} ms, p95 "
                           f"{row['p95_ms']:.0f} ms, {row['throughput_rps']:.2f} req/s, "
@@ -237,12 +256,15 @@ def main() -> None:
         "TorchScript trace of the same network (explanations: Captum IG, 15 steps, nested JSON lists). "
         f"Server allocator: {allocator}.",
         "",
-        "| model | route | clients | requests | p50 (ms) | p95 (ms) | throughput (req/s) | response |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | route | clients | requests | p50 (ms) | p95 (ms) | throughput (req/s) | response "
+        "| requests per batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        per_batch = r.get("requests_per_batch")
         lines.append(f"| {r['model']} | {r['route']} | {r['clients']} | {r['requests']} | {r['p50_ms']:.0f} | "
-                     f"{r['p95_ms']:.0f} | {r['throughput_rps']:.2f} | {_size(r['response_bytes'])} |")
+                     f"{r['p95_ms']:.0f} | {r['throughput_rps']:.2f} | {_size(r['response_bytes'])} | "
+                     f"{'—' if per_batch is None else f'{per_batch:.2f}'} |")
     stock_p1 = find("stock_lite0", "predictions", 1)
     lines += ["", "Acceptance ratios of issue 12 (same run; in brackets the range of the same ratio over the "
               f"{args.rounds} rounds, each measured on that round's requests alone: how far this machine drifted):", ""]
