@@ -11,11 +11,11 @@ same network, EfficientNet-Lite0 with the same weights:
 For each model, route and client count (1 and 8 concurrent clients), it sends the same photo and
 records per-request latency (p50, p95), throughput, response bytes and, for this handler, how many
 requests TorchServe put in each batch (the handler's ``pathway_batch_requests`` metric). One more row,
-``explanations (gradient)``, is this handler's ``/explanations`` with ``X-Explain-Method: gradient``: one forward and
-one backward with the same decoding, rendering and response as the pathway gradient, measured in the
-same rounds. It is the method-independent part of an explanation over HTTP, so the run itself shows
-how much of the 2x budget against a stock prediction is left for the pathway's second pass. Both
-archives use the same worker settings (1 worker and the default archive's batchSize and maxBatchDelay;
+``explanations (gradient)``, is this handler's ``/explanations`` with ``X-Explain-Method: gradient``:
+one forward and one backward with the same decoding, rendering and response as the pathway gradient,
+measured in the same rounds. It is the method-independent part of an explanation over HTTP, so the run
+itself shows how much of the 2x budget against a stock prediction is left for the pathway's second
+pass. Both archives use the same worker settings (1 worker and the default archive's batchSize and maxBatchDelay;
 ``--workers 2`` for two per model, each with the threads ``model-config.yaml``'s ``auto`` gives it;
 ``--batch-size`` and ``--max-batch-delay`` change the batching of both). Run:
 ``.venv/bin/python benchmarks/speed/http_e2e.py`` (about 10 minutes on 2 CPU cores); writes
