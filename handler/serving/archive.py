@@ -32,16 +32,16 @@ DEFAULT_STORE = PACKAGE_DIR.parent / "model_store"
 #: Worker/batching defaults written into model-config.yaml (overridable by flags). Two workers, each with its
 #: share of the cores (``pathway.torch_threads: auto``): one decodes and encodes while the other computes, and
 #: under load they serve more than one worker with every core (benchmarks/speed/README.md, "Workers and
-#: threads"); a lone request takes about as long either way. A short ``maxBatchDelay``: TorchServe holds a
-#: request that finds the queue empty for the whole delay, waiting for company, while requests already queued
-#: join a batch at once; on the CPU a batch saves little compute (an explanation pass holds one image, a
-#: one-thread worker predicts four images in four times one's time), so a longer wait only delays lone
-#: requests, and under load the queue fills batches anyway (benchmarks/speed/README.md, "Batch delay").
+#: threads"); a lone request takes about as long either way. ``maxBatchDelay``: TorchServe holds a request
+#: that finds the queue empty for the whole delay, waiting for company, while queued ones join a batch at once.
+#: 20 ms lets requests that arrive together share a batch (on a GPU a pass of four costs about one of one);
+#: on the CPU, where a batch saves little compute, ``pathway-archive --max-batch-delay 5`` takes that wait off
+#: every lone request (benchmarks/speed/README.md, "Batch delay").
 DEFAULT_WORKER_CONFIG = {
     "minWorkers": 2,
     "maxWorkers": 2,
     "batchSize": 4,
-    "maxBatchDelay": 5,
+    "maxBatchDelay": 20,
     "responseTimeout": 600,
 }
 
