@@ -235,12 +235,24 @@ def _folded_replacement(bn: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def _runs_as_its_class(module: nn.Module) -> bool:
+    """No forward hooks and no parametrization: its forward is its class's, so a replacement computing the same
+    is safe."""
+    return not (module._forward_hooks or module._forward_pre_hooks
+                or torch.nn.utils.parametrize.is_parametrized(module))
+
+
+def _owner_counts(model: nn.Module) -> Counter:
+    """How many places of ``model`` hold each module (by ``id``): a module held twice cannot be replaced in one."""
+    return Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+
+
 def _conv_matches(conv: nn.Module, bn: nn.Module) -> bool:
     if not isinstance(conv, _foldable_convolutions()) or conv.training:
         return False
     if type(conv) not in _foldable_convolutions():  # a subclass may use its weight in its own way
         return False
-    if conv._forward_hooks or conv._forward_pre_hooks or torch.nn.utils.parametrize.is_parametrized(conv):
+    if not _runs_as_its_class(conv):
         return False
     dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
     conv_dims = next(d for kind, d in dims.items() if isinstance(conv, kind))
@@ -285,7 +297,7 @@ def fold_batchnorms(model: nn.Module) -> list:
     """Fold, in place, each eval-mode BatchNorm into the convolution it directly follows; returns the
     ``(conv path, bn path)`` pairs folded. The BatchNorm's place is kept by a module without parameters
     (see :func:`_folded_replacement`), so the forward calls the same activations in the same order."""
-    owners = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    owners = _owner_counts(model)
     folded = []
     for conv_path, bn_path in _pairs_in(model, ""):
         conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
@@ -365,12 +377,12 @@ def fold_same_padding(model: nn.Module) -> list:
     same = _timm_conv2d_same()
     if same is None:  # pragma: no cover - timm is a dependency
         return []
-    owners = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    owners = _owner_counts(model)
     replaced = []
     for path, conv in list(model.named_modules()):
-        if type(conv) is not same or owners[id(conv)] != 1 or conv._forward_hooks or conv._forward_pre_hooks:
+        if type(conv) is not same or owners[id(conv)] != 1 or not _runs_as_its_class(conv):
             continue
-        if conv.padding_mode != "zeros" or torch.nn.utils.parametrize.is_parametrized(conv):
+        if conv.padding_mode != "zeros":
             continue
         _set_submodule(model, path, SamePaddedConv2d.from_conv(conv))
         replaced.append(path)
