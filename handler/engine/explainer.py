@@ -45,6 +45,31 @@ class InPlaceSideEffect(UnsupportedModel, RuntimeError):
     """The model uses an in-place activation's side effect and ignores its return value."""
 
 
+class NotAClassifier(UnsupportedModel, ValueError):
+    """The model's output is not one ``[batch, classes]`` tensor of logits: an encoder's tokens or features map,
+    a tuple or a dict. Every method differentiates one logit per sample, so there is no target to explain."""
+
+
+def classifier_logits(output, batch: int) -> torch.Tensor:
+    """``output`` if it is a classifier's ``[batch, classes]`` logits, else :class:`NotAClassifier` saying what it is."""
+    if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[0] == batch and output.shape[1] >= 1:
+        return output
+    raise NotAClassifier(
+        f"the model returns {_describe_output(output)}; the engine explains classifiers, "
+        f"whose output is one [batch, classes] tensor of logits (an encoder needs a classification head)")
+
+
+def _describe_output(output) -> str:
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {list(output.shape)}"
+    if isinstance(output, (tuple, list)):
+        parts = ", ".join(_describe_output(o) for o in output[:3]) + (", ..." if len(output) > 3 else "")
+        return f"a {type(output).__name__} of {len(output)} ({parts})"
+    if isinstance(output, dict):
+        return f"a {type(output).__name__} with keys {sorted(map(str, output))[:5]}"
+    return f"a {type(output).__name__}"
+
+
 #: ``explain_requests(pass_batch=CONFIGURED)``: the explainer's own pass shape.
 CONFIGURED = object()
 
@@ -265,7 +290,7 @@ class Explainer:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities ``[B, K]`` of the full network (no gradients), in eval mode."""
         with evaluating(self.model), torch.inference_mode():
-            return self.model(x.to(self.device)).float().softmax(dim=1)
+            return classifier_logits(self.model(x.to(self.device)), x.shape[0]).float().softmax(dim=1)
 
     def explain(
         self,
@@ -426,7 +451,7 @@ class Explainer:
         without using its return value, which out-of-place sites cannot reproduce.
         """
         with torch.no_grad():
-            plain = self.model(x)
+            plain = classifier_logits(self.model(x), x.shape[0])
             with instrument(self.model, out_of_place_transform, inputs=x) as recorder:
                 traced = self.model(x)
             self._neurons.setdefault(tuple(x.shape[1:]), _neurons_in(recorder))

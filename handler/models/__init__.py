@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..engine import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, InputNormalisation, resolve_pass_batch
+from ..engine.explainer import NotAClassifier, classifier_logits
 from ..errors import UnknownModel
 from ..provenance import state_dict_sha256
 from .preparation import UNPREPARED, FrozenPredictor, Preparation, PreparationError, PreparationReport, \
@@ -421,6 +422,11 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
     model.eval().requires_grad_(False).to(device)
     settings = UNPREPARED if prepare is False else spec.prepare
     device = torch.device(device)
+    try:  # refused here, at load, rather than on every request
+        with torch.no_grad():
+            classifier_logits(model(example_input(spec.preprocessing.crop, device)), 1)
+    except NotAClassifier as err:
+        raise ModelLoadError(f"{spec.architecture!r} is not a classifier: {err}") from None
     report, serving = PreparationReport(), None
     explains_prepared = False
     if settings != UNPREPARED and (predictor or settings.explain_prepared):

@@ -450,8 +450,9 @@ def prepare_model(model: nn.Module, settings: Preparation, x: torch.Tensor) -> t
         if trace_sites(prepared, x) != layout:
             raise AssertionError("the prepared model's activation sites differ")
     except Exception as err:  # noqa: BLE001 - an unprovable preparation is not served
-        logger.warning("model preparation discarded, serving the model unprepared: %s", err)
-        return model, PreparationReport(reverted=str(err))
+        reason = str(err).strip() or type(err).__name__  # a bare ``assert`` in the model has no message
+        logger.warning("model preparation discarded, serving the model unprepared: %s", reason)
+        return model, PreparationReport(reverted=reason)
     return prepared, report
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from handler.engine import Explainer
+from handler.engine.explainer import NotAClassifier
 from handler.errors import UnsupportedModel
 from handler.models.architectures import ARCHITECTURES
 from handler.serving.responses import http_status
@@ -74,6 +75,42 @@ def test_engine_refuses_a_call_it_cannot_give_to_samples_naming_the_call_and_the
                                                r"and 3 for two") as caught:
         Explainer(BatchPlusOne()).explain(torch.randn(2, 3, 16, 16))
     assert caught.value.code == "unsupported_model" and http_status(caught.value) == 501
+
+
+class TokenEncoder(nn.Module):
+    """An encoder without a classification head: ``[B, tokens, features]`` (as timm's ``*_enc`` models), or a
+    tuple of two tensors (as a model with an auxiliary output)."""
+
+    def __init__(self, as_tuple: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+        self.as_tuple = as_tuple
+
+    def forward(self, x):
+        tokens = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)
+        return (tokens.mean(1), tokens.amax(1)) if self.as_tuple else tokens
+
+
+@pytest.mark.parametrize("as_tuple, described", [(False, r"a tensor of shape \[[12], 16, 8\]"),
+                                                  (True, r"a tuple of 2 \(a tensor of shape \[[12], 8\], ")])
+def test_engine_refuses_a_model_that_is_not_a_classifier_naming_its_output(as_tuple, described):
+    explainer = Explainer(TokenEncoder(as_tuple).eval())
+    x = torch.randn(2, 3, 16, 16)
+    for call in (lambda: explainer.explain(x), lambda: explainer.predict(x)):
+        with pytest.raises(NotAClassifier, match=rf"the model returns {described}.*one \[batch, classes\] tensor "
+                                                 r"of logits") as caught:
+            call()
+        assert caught.value.code == "unsupported_model" and http_status(caught.value) == 501
+        assert "\n" not in str(caught.value)
+
+
+def test_loading_a_model_that_is_not_a_classifier_fails_at_load_naming_its_output(monkeypatch):
+    from handler.models import ModelLoadError, load_model, spec_for_architecture
+
+    monkeypatch.setitem(ARCHITECTURES._entries, "token_encoder", lambda num_classes=None: TokenEncoder())
+    with pytest.raises(ModelLoadError, match=r"'handler:token_encoder' is not a classifier: the model returns a "
+                                             r"tensor of shape \[1, 3136, 8\]"):
+        load_model(spec_for_architecture("handler:token_encoder", labels=None))
 
 
 def test_a_zero_map_says_the_target_does_not_depend_on_the_input():

@@ -386,3 +386,18 @@ def test_auto_memory_format_applies_without_folding():
     assert isinstance(loaded.module.features.block1[1], nn.BatchNorm2d)
     assert loaded.module.features.block1[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert loaded.explained_preparation == "0 BatchNorm(s) folded, channels_last"
+
+
+def test_a_preparation_discarded_by_a_bare_assertion_names_the_exception(monkeypatch, caplog):
+    """A model's own ``assert`` (timm's HaloNet checks its input size so) has no message: the report and the log
+    still say what discarded the preparation."""
+    model = _random(torchvision.models.resnet18(num_classes=10))
+
+    def bare_assert(m):
+        raise AssertionError()
+
+    monkeypatch.setattr(preparation, "fold_batchnorms", bare_assert)
+    with caplog.at_level("WARNING"):
+        kept, report = prepare_model(model, Preparation(), torch.randn(1, 3, 64, 64))
+    assert kept is model and report.reverted == "AssertionError"
+    assert caplog.messages[-1] == "model preparation discarded, serving the model unprepared: AssertionError"
