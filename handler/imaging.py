@@ -18,14 +18,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 from torchvision.transforms import v2 as T
 
 from .engine.options import OptionSpec
-from .errors import ImageTooLarge, InvalidImage, InvalidOption, UnsupportedImage
+from .errors import ExplainError, ImageTooLarge, InvalidImage, InvalidOption, UnsupportedImage
 
-#: Formats accepted by default (Pillow's names; MPO is the multi-picture JPEG many phones write).
-DEFAULT_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+#: Formats accepted by default (Pillow's names; MPO is the multi-picture JPEG many phones write; AVIF, what
+#: browsers and image CDNs now serve, where this Pillow decodes it).
+DEFAULT_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF") + (("AVIF",) if features.check("avif") else ())
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 8
 
@@ -64,14 +65,11 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), least_side: O
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge(f"image declares more than {limits.max_pixels} pixels") from None
     except UnidentifiedImageError:
-        raise InvalidImage(
-            f"the data is not an image in a known format ({_describe_bytes(data)}); send JPEG, PNG, WebP, BMP or GIF",
-            code="not_an_image") from None
+        raise _refuse_unidentified(data, limits) from None
     except Exception as err:
         raise InvalidImage(f"cannot read the image header: {err}", code="corrupt_image") from None
     if image.format not in limits.formats:
-        raise UnsupportedImage(f"image format {image.format} is not accepted; send one of "
-                               f"{', '.join(f for f in limits.formats if f != 'MPO')}")
+        raise UnsupportedImage(f"image format {image.format} is not accepted; send one of {accepted_formats(limits)}")
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
@@ -156,6 +154,40 @@ def open_image(source, limits: Optional[ImageLimits] = None, least_side: Optiona
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), limits, least_side)
     return decode_image(Path(source).read_bytes(), limits, least_side)
+
+
+def accepted_formats(limits: ImageLimits) -> str:
+    """The accepted formats as a user names them (MPO is a JPEG to its sender)."""
+    return ", ".join(f for f in limits.formats if f != "MPO")
+
+
+#: What people send by mistake, by its leading bytes: ``(offset, signature, image format or None, what it is)``.
+#: An image format Pillow cannot decode here is refused as an unsupported format (415), anything else as not an
+#: image (400).
+_KNOWN_CONTAINERS = (
+    (4, b"ftypheic", "HEIC", "a HEIC photo (an iPhone's default)"),
+    (4, b"ftypheix", "HEIC", "a HEIC photo"),
+    (4, b"ftypmif1", "HEIF", "a HEIF image"),
+    (4, b"ftypavif", "AVIF", "an AVIF image, which this server's Pillow does not decode"),
+    (0, b"%PDF", None, "it is a PDF document; send the image itself"),
+    (0, b"PK\x03\x04", None, "it is a ZIP archive; send one image per request"),
+    (0, b"\x1f\x8b", None, "it is gzip-compressed; send the image uncompressed"),
+)
+
+
+def _refuse_unidentified(data: bytes, limits: ImageLimits) -> ExplainError:
+    """The error for bytes Pillow does not recognise: an image format it cannot decode, named, or not an image."""
+    for offset, signature, fmt, what in _KNOWN_CONTAINERS:
+        if bytes(data[offset:offset + len(signature)]) == signature:
+            if fmt is not None:
+                return UnsupportedImage(f"image format {fmt} is not accepted ({what}); convert it to JPEG or send "
+                                        f"one of {accepted_formats(limits)}")
+            return InvalidImage(f"the data is not an image ({what})", code="not_an_image")
+    if b"<svg" in bytes(data[:1024]).lower():
+        return UnsupportedImage(f"image format SVG (vector graphics) is not accepted; send a raster image: one of "
+                                f"{accepted_formats(limits)}")
+    return InvalidImage(f"the data is not an image in a known format ({_describe_bytes(data)}); send one of "
+                        f"{accepted_formats(limits)}", code="not_an_image")
 
 
 def _describe_bytes(data: bytes) -> str:

@@ -4,7 +4,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from handler.errors import ImageTooLarge, InvalidImage, UnsupportedImage
 from handler.serving.responses import http_status
@@ -25,7 +25,8 @@ def photo():
     return Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8), "RGB")
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", pytest.param("AVIF", marks=pytest.mark.skipif(
+    not features.check("avif"), reason="this Pillow has no AVIF codec (the server then refuses AVIF by name)"))])
 def test_common_formats_decode_to_rgb(photo, fmt):
     image = decode_image(encode(photo, fmt))
     assert image.mode == "RGB" and image.size == (60, 40)
@@ -134,6 +135,36 @@ def test_truncated_jpeg_is_refused(photo):
     data = encode(photo, "JPEG")
     with pytest.raises(InvalidImage, match="truncated or corrupt"):
         decode_image(data[: len(data) // 2])
+
+
+# The leading bytes of what people send by mistake (an iPhone's HEIC, an SVG drawing, a PDF, an archive).
+HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'
+
+
+@pytest.mark.parametrize("data, error, code, says", [
+    (HEIC_HEAD, UnsupportedImage, "unsupported_image_format", "image format HEIC is not accepted (a HEIC photo (an "
+                                                              "iPhone's default)); convert it to JPEG or send one of "
+                                                              "JPEG, PNG"),
+    (SVG, UnsupportedImage, "unsupported_image_format", "image format SVG (vector graphics) is not accepted"),
+    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n" + b"0" * 40, InvalidImage, "not_an_image", "(it is a PDF document; send the "
+                                                                                  "image itself)"),
+    (b"PK\x03\x04" + b"\x00" * 40, InvalidImage, "not_an_image", "it is a ZIP archive"),
+    (b"\x1f\x8b\x08" + b"\x00" * 40, InvalidImage, "not_an_image", "it is gzip-compressed"),
+])
+def test_what_people_send_by_mistake_is_named(data, error, code, says):
+    with pytest.raises(error) as info:
+        decode_image(data)
+    assert info.value.code == code and says in str(info.value)
+    assert http_status(info.value) == (415 if error is UnsupportedImage else 400)
+
+
+def test_refusals_list_the_formats_actually_accepted(photo):
+    limits = ImageLimits(formats=("PNG", "MPO", "JPEG"))
+    with pytest.raises(InvalidImage, match=r"send one of PNG, JPEG$"):
+        decode_image(b"hello, this is text", limits)
+    with pytest.raises(UnsupportedImage, match=r"image format WEBP is not accepted; send one of PNG, JPEG$"):
+        decode_image(encode(photo, "WEBP"), limits)
 
 
 def test_unsupported_format_is_415(photo):
