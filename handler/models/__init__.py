@@ -18,6 +18,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -110,9 +111,10 @@ class ModelSpec:
         data.pop("$schema", None)
         weights = data.pop("weights", None) or {}
         prep = data.pop("preprocessing", None) or {}
+        base = published_preprocessing(data["architecture"]) or Preprocessing()
         try:
             weights = Weights(**weights)
-            prep = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()})
+            prep = dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()})
         except TypeError as err:
             raise ModelLoadError(f"model spec: {err}") from None
         if not isinstance(prep.jpeg_draft, bool):
@@ -208,7 +210,7 @@ def spec_for_architecture(
         name=name or architecture.split(":")[-1],
         architecture=architecture,
         weights=Weights(file=str(Path(weights).resolve())) if weights else Weights(),
-        preprocessing=preprocessing or Preprocessing(),
+        preprocessing=preprocessing or published_preprocessing(architecture) or Preprocessing(),
         labels=labels_value,
         defaults=default_settings(sparsity=sparsity),
     )
@@ -273,32 +275,89 @@ def read_labels_file(path: Union[str, Path]) -> list:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def build_architecture(architecture: str, num_classes: Optional[int]) -> nn.Module:
+def resolve_architecture(architecture: str) -> tuple:
+    """``(source, name)``: where ``architecture`` comes from, ``"torchvision"``, ``"timm"`` or ``"handler"`` (a bare
+    name is torchvision's if torchvision has it, else timm's); :class:`ModelLoadError` if nobody has it."""
     source, _, name = architecture.rpartition(":")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if source == "handler":
         from .architectures import ARCHITECTURES
 
         if name not in ARCHITECTURES:
             raise ModelLoadError(f"this project defines no architecture {name!r}; it defines: "
                                  f"{', '.join(ARCHITECTURES.names())}")
-        return ARCHITECTURES.get(name)(num_classes)
+        return source, name
     if source in ("", "torchvision"):
         import torchvision
 
         if name in torchvision.models.list_models():
-            extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-            return torchvision.models.get_model(name, weights=None, **extra, **kwargs)
+            return "torchvision", name
         if source == "torchvision":
             raise ModelLoadError(f"torchvision has no model {name!r}")
     if source in ("", "timm"):
         import timm
 
         if timm.is_model(name):
-            return timm.create_model(name, pretrained=False, **kwargs)
+            return "timm", name
         raise ModelLoadError(f"no torchvision or timm architecture is called {name!r}")
     raise ModelLoadError(f"architecture must be 'torchvision:<name>', 'timm:<name>', 'handler:<name>' or a bare name, "
                          f"not {architecture!r}")
+
+
+def build_architecture(architecture: str, num_classes: Optional[int]) -> nn.Module:
+    source, name = resolve_architecture(architecture)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if source == "handler":
+        from .architectures import ARCHITECTURES
+
+        return ARCHITECTURES.get(name)(num_classes)
+    if source == "torchvision":
+        import torchvision
+
+        extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        return torchvision.models.get_model(name, weights=None, **extra, **kwargs)
+    import timm
+
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def published_preprocessing(architecture: str) -> Optional[Preprocessing]:
+    """The preprocessing ``architecture``'s published ImageNet weights were evaluated with: torchvision's default
+    weights' transforms, or timm's pretrained configuration (the tag named after a ``.``, else the default one;
+    resize = ``floor(crop / crop_pct)``, as timm's own eval transform). None for this project's architectures or
+    where neither library says. What a spec without ``preprocessing`` gets: a fine-tuned ViT needs its
+    ``mean = std = 0.5`` and an Inception its 299-pixel crop, not the ImageNet-ResNet defaults."""
+    try:
+        source, name = resolve_architecture(architecture)
+    except ModelLoadError:
+        return None
+    if source == "torchvision":
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+        except (ValueError, AttributeError):
+            return None
+        t = weights.transforms()  # a transform object: nothing is downloaded
+        return Preprocessing(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]),
+                             interpolation=_interpolation_name(t.interpolation.value),
+                             mean=tuple(float(v) for v in t.mean), std=tuple(float(v) for v in t.std))
+    if source == "timm":
+        import timm
+
+        cfg = timm.get_pretrained_cfg(name)
+        if cfg is None or not cfg.input_size:
+            return None
+        crop = int(cfg.input_size[-1])
+        crop_pct = float(cfg.crop_pct or 1.0)
+        return Preprocessing(resize=int(math.floor(crop / crop_pct)), crop=crop,
+                             interpolation=_interpolation_name(cfg.interpolation),
+                             mean=tuple(float(v) for v in cfg.mean), std=tuple(float(v) for v in cfg.std))
+    return None
+
+
+def _interpolation_name(name: Optional[str]) -> str:
+    """One of the preprocessing's interpolations (``bilinear`` for what it does not offer, e.g. timm's ``random``)."""
+    return name if name in ("nearest", "bilinear", "bicubic") else "bilinear"
 
 
 def weights_path(spec: ModelSpec) -> Optional[Path]:
