@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain an image classifier's predictions with critical pathways and pathway gradient "
                     "(Khakzar et al., CVPR 2021). Writes STEM.json, STEM.heatmap.png and STEM.overlay.png "
                     "per image into --out.")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF)")
     p.add_argument("--out", type=Path, help="output directory (created if missing)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default=None,
