@@ -353,7 +353,8 @@ class ExplanationService:
         if is_out_of_memory(err):
             return OutOfMemory("out of memory while serving this request; retry later, or with fewer images or "
                                "smaller outputs")
-        return InternalError(f"the explanation failed: {type(err).__name__}: {err}")
+        what = "explanation" if kind == "explain" else "prediction"
+        return InternalError(f"the {what} failed: {type(err).__name__}: {err}")
 
     def _run_group(self, jobs: Sequence[Job], explain: bool) -> None:
         images = [image for job in jobs for image in job.images]

@@ -129,6 +129,19 @@ def test_a_bug_in_one_request_is_an_internal_error_logged_with_its_traceback(lit
     assert "Traceback" in caplog.text and "a bug met only by class 285" in caplog.text
 
 
+def test_a_failed_prediction_is_called_a_prediction(lite0_service, coffee, monkeypatch):
+    service = lite0_service
+
+    def probabilities(x):
+        raise ZeroDivisionError("a bug in the predict path")
+
+    monkeypatch.setattr(service, "probabilities", probabilities)
+    [job] = [service.prepare([coffee], [{}], explain=False)]
+    service.run([job])
+    assert job.error.code == "internal_error"
+    assert job.error.message == "the prediction failed: ZeroDivisionError: a bug in the predict path"
+
+
 def test_each_error_code_has_one_status():
     from handler.errors import BadRequest, ImageTooLarge, InternalError, OutOfMemory, UnknownModel
 

@@ -349,11 +349,12 @@ class Explainer:
 
         With ``pass_batch``, every pass has that shape (padded with zero images), smaller only after a pass
         of it ran out of memory (the planner's ceiling)."""
-        if not self._checked:
-            with explaining(self.model):
-                self._check_instrumentation(x[:1])
+        with _typed_model_failures(method_name):
+            if not self._checked:
+                with explaining(self.model):
+                    self._check_instrumentation(x[:1])
+            neurons = self._neurons_per_sample(x[:1])
         key = (method_name, selection, tuple(x.shape[1:]), x.dtype)
-        neurons = self._neurons_per_sample(x[:1])
         out: list = []
         start, total = 0, len(requests)
         while start < total:
@@ -400,13 +401,8 @@ class Explainer:
             selection_options = {k: v for k, v in options.items() if k not in method.options}
             kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection,
                           selection_options=selection_options)
-        try:
-            with explaining(self.model):
-                attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
-        except (ExplainError, MemoryError, torch.OutOfMemoryError):
-            raise
-        except Exception as err:  # noqa: BLE001 - the model failed under the engine's passes: say where, typed
-            raise EngineFailure(method_name, err) from err
+        with _typed_model_failures(method_name), explaining(self.model):
+            attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
         return self._package(attribution, method_name, requests)
 
     def _package(self, attribution: Attribution, method: str, requests) -> list:
@@ -460,6 +456,18 @@ class Explainer:
                 "instrumenting this model's activations changes its output; it probably relies on an "
                 "in-place activation's side effect without using the activation's return value")
         self._checked = True
+
+
+@contextlib.contextmanager
+def _typed_model_failures(method: str) -> Iterator[None]:
+    """The model raising under the engine's passes (its checks included) is :class:`EngineFailure`, which names
+    where; request errors and running out of memory pass as they are."""
+    try:
+        yield
+    except (ExplainError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - the model failed under the engine's passes: say where, typed
+        raise EngineFailure(method, err) from err
 
 
 def _neurons_in(recorder) -> int:

@@ -481,11 +481,16 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
     model.eval().requires_grad_(False).to(device)
     settings = UNPREPARED if prepare is False else spec.prepare
     device = torch.device(device)
-    try:  # refused here, at load, rather than on every request
+    try:
         with torch.no_grad():
-            classifier_logits(model(example_input(spec.preprocessing.crop, device)), 1)
-    except NotAClassifier as err:
-        raise ModelLoadError(f"{spec.architecture!r} is not a classifier: {err}") from None
+            output = model(example_input(spec.preprocessing.crop, device))
+    except Exception:  # noqa: BLE001 - a model that fails at this input is served: each request then says why
+        output = None
+    if output is not None:
+        try:  # refused here, at load, rather than on every request
+            classifier_logits(output, 1)
+        except NotAClassifier as err:
+            raise ModelLoadError(f"{spec.architecture!r} is not a classifier: {err}") from None
     report, serving = PreparationReport(), None
     explains_prepared = False
     if settings != UNPREPARED and (predictor or settings.explain_prepared):

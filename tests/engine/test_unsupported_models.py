@@ -191,3 +191,29 @@ def test_handler_answers_unsupported_model_and_serves_the_batch_neighbours(coffe
         error = json.loads(body)
         assert error["type"] == "unsupported_model" and "activation call 0 (relu)" in error["message"]
     assert np.isfinite(json.loads(out[2])["predictions"][0]["probability"])
+
+
+class FivesOnly(nn.Module):
+    """A classifier with a bare size assertion (as HaloNet's): it runs only on sides that are multiples of 5."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        assert x.shape[-1] % 5 == 0
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_a_model_that_fails_at_the_load_check_input_still_loads_and_each_request_says_why(monkeypatch):
+    """Only a classifier's output shape is checked at load: a model that raises at the spec's crop (224, not a
+    multiple of 5) loads as before; it explains where it runs, and elsewhere the refusal is typed."""
+    from handler.models import load_model, spec_for_architecture
+
+    monkeypatch.setitem(ARCHITECTURES._entries, "fives_only", lambda num_classes=None: FivesOnly(10))
+    loaded = load_model(spec_for_architecture("handler:fives_only", labels=None))
+    [explanation] = Explainer(loaded.module).explain(torch.randn(1, 3, 35, 35), sparsity=0.5)
+    assert explanation.attribution.shape == (35, 35)
+    with pytest.raises(UnsupportedModel, match=r"cannot explain this model: AssertionError"):
+        Explainer(loaded.module).explain(torch.randn(1, 3, 32, 32))
