@@ -481,16 +481,7 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
     model.eval().requires_grad_(False).to(device)
     settings = UNPREPARED if prepare is False else spec.prepare
     device = torch.device(device)
-    try:
-        with torch.no_grad():
-            output = model(example_input(spec.preprocessing.crop, device))
-    except Exception:  # noqa: BLE001 - a model that fails at this input is served: each request then says why
-        output = None
-    if output is not None:
-        try:  # refused here, at load, rather than on every request
-            classifier_logits(output, 1)
-        except NotAClassifier as err:
-            raise ModelLoadError(f"{spec.architecture!r} is not a classifier: {err}") from None
+    check_serves(model, spec, device)
     report, serving = PreparationReport(), None
     explains_prepared = False
     if settings != UNPREPARED and (predictor or settings.explain_prepared):
@@ -508,6 +499,25 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
                     report.summary(), _describe_predictor(serving),
                     "the prepared" if settings.explain_prepared and not report.reverted else "the trained")
     return LoadedModel(spec, model, labels, label_aliases(spec), weights_sha256, report, serving, explains_prepared)
+
+
+def check_serves(model: nn.Module, spec: ModelSpec, device: Union[str, torch.device]) -> None:
+    """:class:`ModelLoadError` unless ``model`` runs on the input its preprocessing makes (one ``crop`` x ``crop``
+    image) and returns a classifier's logits: such a model would fail every request, so it fails at load (in
+    ``pathway-archive``, when the archive is built), naming the cause."""
+    crop = spec.preprocessing.crop
+    try:
+        with torch.no_grad():
+            output = model(example_input(crop, device))
+    except Exception as err:  # noqa: BLE001 - any failure here is the spec's, reported as such
+        text = str(err).strip().splitlines()
+        raise ModelLoadError(f"{spec.architecture!r} fails on a {crop}x{crop} image, the size its preprocessing "
+                             f"makes (preprocessing.crop): {type(err).__name__}"
+                             + (f": {text[0]}" if text else "")) from None
+    try:
+        classifier_logits(output, 1)
+    except NotAClassifier as err:
+        raise ModelLoadError(f"{spec.architecture!r} is not a classifier: {err}") from None
 
 
 def _describe_predictor(serving: Optional[nn.Module]) -> str:

@@ -206,14 +206,18 @@ class FivesOnly(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
-def test_a_model_that_fails_at_the_load_check_input_still_loads_and_each_request_says_why(monkeypatch):
-    """Only a classifier's output shape is checked at load: a model that raises at the spec's crop (224, not a
-    multiple of 5) loads as before; it explains where it runs, and elsewhere the refusal is typed."""
-    from handler.models import load_model, spec_for_architecture
+def test_a_model_that_fails_on_its_own_input_size_fails_at_load_and_the_engine_refuses_it_typed(monkeypatch):
+    """A model that cannot run on the crop its preprocessing makes (224, not a multiple of 5) would fail every
+    request: it fails at load, one line naming the size and the cause. Given to the engine directly, it explains
+    where it runs, and elsewhere the refusal is typed (the explainer's first-call checks included)."""
+    from handler.models import ModelLoadError, load_model, spec_for_architecture
 
     monkeypatch.setitem(ARCHITECTURES._entries, "fives_only", lambda num_classes=None: FivesOnly(10))
-    loaded = load_model(spec_for_architecture("handler:fives_only", labels=None))
-    [explanation] = Explainer(loaded.module).explain(torch.randn(1, 3, 35, 35), sparsity=0.5)
+    with pytest.raises(ModelLoadError, match=r"^'handler:fives_only' fails on a 224x224 image, the size its "
+                                             r"preprocessing makes \(preprocessing.crop\): AssertionError(: .*)?$"):
+        load_model(spec_for_architecture("handler:fives_only", labels=None))
+    model = FivesOnly(10).eval()
+    [explanation] = Explainer(model).explain(torch.randn(1, 3, 35, 35), sparsity=0.5)
     assert explanation.attribution.shape == (35, 35)
-    with pytest.raises(UnsupportedModel, match=r"cannot explain this model: AssertionError"):
-        Explainer(loaded.module).explain(torch.randn(1, 3, 32, 32))
+    with pytest.raises(UnsupportedModel, match=r"pathway_gradient cannot explain this model: AssertionError"):
+        Explainer(model).explain(torch.randn(1, 3, 32, 32))
