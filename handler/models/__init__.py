@@ -323,8 +323,9 @@ def build_architecture(architecture: str, num_classes: Optional[int]) -> nn.Modu
 def published_preprocessing(architecture: str) -> Optional[Preprocessing]:
     """The preprocessing ``architecture``'s published ImageNet weights were evaluated with: torchvision's default
     weights' transforms, or timm's pretrained configuration (the tag named after a ``.``, else the default one;
-    resize = ``floor(crop / crop_pct)``, as timm's own eval transform). None for this project's architectures or
-    where neither library says. What a spec without ``preprocessing`` gets: a fine-tuned ViT needs its
+    resize = ``floor(crop / crop_pct)``, as timm's own eval transform; its ``squash`` and ``border`` crop modes,
+    7 % of its tags, get the centre crop, the only one this preprocessing does). None for this project's
+    architectures or where neither library says. What a spec without ``preprocessing`` gets: a fine-tuned ViT needs its
     ``mean = std = 0.5`` and an Inception its 299-pixel crop, not the ImageNet-ResNet defaults."""
     try:
         source, name = resolve_architecture(architecture)
