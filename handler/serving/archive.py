@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..models import ModelLoadError, ModelSpec, Weights, get_spec, load_labels, spec_for_architecture, weights_path
+from ..models import ModelLoadError, ModelSpec, Weights, get_spec, load_labels, published_preprocessing, \
+    spec_for_architecture, weights_path
 from ..provenance import REVISION_FILE, source_revision
 from .handler import SPEC_FILE
 from .metrics import ARCHIVE_NAME as METRICS_FILE
@@ -188,6 +189,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 p.error(f"weights file not found: {args.weights}")
             spec = spec_for_architecture(args.arch, weights=args.weights, labels=args.labels or "imagenet",
                                          name=args.name, sparsity=args.sparsity)
+            prep = spec.preprocessing
+            origin = (f"as {args.arch}'s published weights were evaluated" if published_preprocessing(args.arch)
+                      else f"the defaults: {args.arch} publishes none")
+            print(f"pathway-archive: preprocessing {origin}: resize {prep.resize}, crop {prep.crop}, "
+                  f"{prep.interpolation}, mean {list(prep.mean)}, std {list(prep.std)} (a model spec .json, --model, "
+                  "sets others)", file=sys.stderr, flush=True)
         else:
             spec = get_spec(args.model or "efficientnet_lite0")
             if args.name:
