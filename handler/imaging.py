@@ -617,8 +617,8 @@ def render_strip(panels: Sequence[Image.Image], captions: Sequence[str]) -> Imag
     return strip
 
 
-#: zlib level of every PNG the service writes. Level 1 instead of Pillow's 6: a heatmap encodes in about a
-#: quarter of the time and an overlay in about 60 %, for 4-6 % more bytes (measured on the sample photos).
+#: zlib level of every PNG the service writes. Level 1 instead of Pillow's 6: much faster to encode for a few per
+#: cent more bytes, the same pixels (benchmarks/speed/README.md, "Figures the code relies on").
 PNG_COMPRESS_LEVEL = 1
 
 

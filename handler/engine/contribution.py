@@ -161,9 +161,9 @@ def select_by_contribution(model, x, targets, sparsity, *, signed: bool = False,
     ``record_alive``: keep the full network's ``[B, N]`` alive mask on the pathway
     (default: only when a sample's sparsity is so close to 0 that nothing is removed). A dead
     neuron scores 0, and at sparsity > 0 the threshold τ >= 0 removes every score
-    <= τ, so otherwise no kept neuron is dead, and the mask and its count (~70 ms,
-    a quarter of a vanilla gradient, for EfficientNet-Lite0 at batch 8 on 2 CPU
-    cores) are not needed to say so.
+    <= τ, so otherwise no kept neuron is dead, and the mask and its count (a pass
+    over every neuron: benchmarks/speed/README.md, "Figures the code relies on")
+    are not needed to say so.
     """
     if record_alive is None:
         record_alive = any(float(p) <= 1e-9 for p in sparsity)  # removal_count is 0 only below this

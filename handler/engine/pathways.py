@@ -50,7 +50,8 @@ class Pathway:
         """``[B, sites]`` kept neurons of each site.
 
         On the CPU NumPy's ``count_nonzero`` on each contiguous row slice (torch's on strided
-        ``[B, n]`` views, or a bool ``sum``, is 20x slower there); on a device ``count_nonzero``.
+        ``[B, n]`` views, or a bool ``sum``, is an order of magnitude slower there: benchmarks/speed/README.md,
+        "Figures the code relies on"); on a device ``count_nonzero``.
         """
         if self.keep.device.type == "cpu":
             keep = self.keep.numpy()
@@ -182,7 +183,7 @@ def run_along(model: nn.Module, x: torch.Tensor, pathway: Pathway) -> torch.Tens
     keep = pathway.keep
 
     def mask(call: SiteCall) -> torch.Tensor:
-        # as uint8: multiplying a float by a bool tensor first copies the whole mask to float (3x slower on the CPU)
+        # as uint8: multiplying a float by a bool tensor goes through a float copy of the mask (slower on the CPU)
         kept = call.site.view(keep).view(torch.uint8)
         if call.may_modify_input and call.site.kind in ZERO_GRADIENT_AT_ZERO:
             with torch.no_grad():

@@ -14,7 +14,8 @@ def max_abs(maps: torch.Tensor) -> torch.Tensor:
     """Per pixel, the signed channel value of largest magnitude (the authors' evaluation); ties: the first channel.
 
     A running comparison over the (few) channels: the same values as
-    ``gather(argmax(|maps|))``, which is ~10x slower on the CPU for ``C = 3``.
+    ``gather(argmax(|maps|))``, which is several times slower on the CPU for ``C = 3``
+    (benchmarks/speed/README.md, "Figures the code relies on").
     """
     best = maps[:, 0]
     best_abs = best.abs()

@@ -83,8 +83,8 @@ def keep_above_quantile_host(values: np.ndarray, ks: Sequence[int], keep: np.nda
 def _select_host(values: np.ndarray, ks: Sequence[int], keep: Optional[np.ndarray]) -> list:
     """Exact per-row selection in a few vectorised host passes (the CPU path; it reads counts as it goes).
 
-    ``kthvalue`` is a single-threaded quickselect, ~10x slower over millions of
-    neurons. Instead, a systematic sample of :data:`HOST_SAMPLE` values of the
+    ``kthvalue`` is a single-threaded quickselect, several times slower over
+    millions of neurons (benchmarks/speed/README.md, "Figures the code relies on"). Instead, a systematic sample of :data:`HOST_SAMPLE` values of the
     row brackets its ``k``-th value between two order statistics of the sample,
     (``lo``, ``hi``]. One comparison pass per end counts the values at or below
     it: the counts prove that the bracket holds the ``k``-th value, the few

@@ -35,7 +35,7 @@ DEFAULT_STORE = PACKAGE_DIR.parent / "model_store"
 #: under load they serve more than one worker with every core (benchmarks/speed/README.md, "Workers and
 #: threads"); a lone request takes about as long either way. ``maxBatchDelay``: TorchServe holds a request
 #: that finds the queue empty for the whole delay, waiting for company, while queued ones join a batch at once.
-#: 20 ms lets requests that arrive together share a batch (on a GPU a pass of four costs about one of one);
+#: 20 ms lets requests that arrive together share a batch (on a GPU a batched pass costs little more than one);
 #: on the CPU, where a batch saves little compute, ``pathway-archive --max-batch-delay 5`` takes that wait off
 #: every lone request (benchmarks/speed/README.md, "Batch delay").
 DEFAULT_WORKER_CONFIG = {

@@ -23,11 +23,10 @@ exposes declared metrics; see :mod:`.metrics`).
 
 With ``PATHWAY_RETAIN_HEAP=1`` TorchServe and its workers run with glibc keeping
 freed memory for reuse (:data:`RETAINED_HEAP`, unless those variables are already
-set). Measured with ``benchmarks/speed/http_e2e.py`` on 2 CPU cores it makes
-predictions faster under concurrency (p50 221-253 -> 168-170 ms with 8 clients)
-and the stock Captum path much faster, but not this handler's explanations (p50
-140-154 ms against 119-161 ms with glibc's defaults; its score buffer is
-already reused), so it is off by default.
+set). Measured with ``benchmarks/speed/http_e2e.py`` it makes predictions faster
+under concurrency and the stock Captum path much faster, but not this handler's
+explanations (their score buffer is already reused), so it is off by default
+(benchmarks/speed/README.md, "Memory allocator (CPU)").
 
 ``pathway-serve --healthcheck`` is the container's health probe: it pings
 ``/ping`` with the inference key from the run directory's key file (TorchServe

@@ -17,7 +17,7 @@ def worker_threads(section: dict, config: dict) -> tuple:
 
     Why: a worker runs one batch at a time and an eager forward has no independent ops to run side by side,
     so inter-op threads only add idle pools; and workers whose OpenMP threads outnumber the cores stall at
-    every parallel region's barrier (benchmarks/speed/README.md: single calls 3-10x slower).
+    every parallel region's barrier (benchmarks/speed/README.md, "Workers and threads").
     """
     workers = max(1, int(config.get("maxWorkers") or config.get("minWorkers") or 1))
     intra = section.get("torch_threads", "auto")
