@@ -25,6 +25,13 @@ class ExplainError(ValueError):
         return str(self)
 
 
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages that quote what a caller sent (a
+    5000-digit number or a pasted file should not come back whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 class BadRequest(ExplainError):
     """A request the transport could not read (body, fields, base64, envelope)."""
 
@@ -73,6 +80,12 @@ class InternalError(ExplainError):
     caller's fault."""
 
     code = "internal_error"
+
+
+class ResponseTooLarge(ExplainError):
+    """The answer a request asked for is larger than the server sends (``max_response_bytes``)."""
+
+    code = "response_too_large"
 
 
 class UsageError(Exception):

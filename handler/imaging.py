@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 from torchvision.transforms import v2 as T
 
 from .engine.options import OptionSpec
-from .errors import ExplainError, ImageTooLarge, InvalidImage, InvalidOption, UnsupportedImage
+from .errors import ExplainError, ImageTooLarge, InvalidImage, InvalidOption, UnsupportedImage, shown
 
 #: Formats accepted by default (Pillow's names; MPO is the multi-picture JPEG many phones write; AVIF, what
 #: browsers and image CDNs now serve, where this Pillow decodes it).
@@ -407,7 +407,7 @@ class VisualizationSettings:
         for key, value in raw.items():
             name = str(key).strip().lower().replace("-", "_")
             if name not in VISUALIZATION_OPTIONS:
-                raise InvalidOption(f"unknown visualisation setting {key!r}; settings are: "
+                raise InvalidOption(f"unknown visualisation setting {shown(key)}; settings are: "
                                     f"{', '.join(VISUALIZATION_OPTIONS)}", code="unknown_option")
             if isinstance(value, (bytes, bytearray)):
                 value = bytes(value).decode("utf-8", "replace")
@@ -430,7 +430,7 @@ def _coerce(name: str, spec: OptionSpec, value: Any) -> Any:
         if name != "colormap":
             err.code = "invalid_visualization"
             raise
-        raise InvalidOption(f"unknown colormap {value!r}; {err}", code="unknown_colormap") from None
+        raise InvalidOption(f"unknown colormap {shown(value)}; {err}", code="unknown_colormap") from None
 
 
 @functools.lru_cache(maxsize=None)

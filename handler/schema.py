@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .engine import METHODS, SELECTIONS, check_sparsity
-from .errors import InvalidOption
+from .errors import InvalidOption, shown
 from .imaging import (DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, VISUALIZATION_OPTIONS, ImageLimits,
                       VisualizationSettings)
 
@@ -66,7 +67,13 @@ class Limits:
     image_formats: tuple = DEFAULT_FORMATS
     default_outputs: tuple = DEFAULT_OUTPUTS
     default_colormap: Optional[str] = None  # None: inferno, or pink_green with polarity both
-    max_overlay_pixels: int = 12_000_000  # larger photos get an overlay scaled down to this many pixels
+    #: Larger photos get an overlay scaled down to this many pixels. A photo's overlay PNG takes up to ~3.5 bytes
+    #: per pixel inline in JSON (base64 of a PNG of grain or noise), so 8 MP stays under the response limit below.
+    max_overlay_pixels: int = 8_000_000
+    #: Largest body one request may answer, in bytes: at most TorchServe's ``max_response_size``
+    #: (config.properties), past which TorchServe drops the worker's connection and restarts it. A larger answer
+    #: (several overlays, many instances) is refused as ``response_too_large`` instead.
+    max_response_bytes: int = 32 * 2**20
     method_caps: dict = field(default_factory=dict)  # e.g. {"steps": 64}: maxima of numeric method options
     #: Forward + backward passes one request may cost, summed over its images (None: no limit). With
     #: ``method_caps`` alone, 16 KServe instances at 128 integrated-gradient steps would buy 2,000 passes.
@@ -136,27 +143,32 @@ def _text(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
+#: An integer as text: ASCII digits with at most one sign ("²" and "٣" pass ``str.isdigit`` but not ``int``), and
+#: few enough digits that ``int`` accepts them (it refuses above 4300) and no count can overflow downstream.
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
 def _integer(name: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise InvalidOption(f"{name} must be an integer, not {value!r}")
+        raise InvalidOption(f"{name} must be an integer, not {shown(value)}")
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
         return int(value)
-    if isinstance(value, str) and value.lstrip("+-").isdigit():
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
         return int(value)
-    raise InvalidOption(f"{name} must be an integer, not {value!r}")
+    raise InvalidOption(f"{name} must be an integer, not {shown(value)}")
 
 
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool):
-        raise InvalidOption(f"{name} must be a number, not {value!r}")
+        raise InvalidOption(f"{name} must be a number, not {shown(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidOption(f"{name} must be a number, not {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidOption(f"{name} must be a number, not {shown(value)}") from None
     if not math.isfinite(number):
-        raise InvalidOption(f"{name} must be a finite number, not {value!r}")
+        raise InvalidOption(f"{name} must be a finite number, not {shown(value)}")
     return number
 
 
@@ -170,7 +182,7 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
         if name not in OPTION_NAMES:
             declared = declared if declared is not None else declared_option_names()
             if name not in declared:
-                raise InvalidOption(f"unknown option {key!r}; options are: "
+                raise InvalidOption(f"unknown option {shown(key)}; options are: "
                                     f"{', '.join(list(OPTION_NAMES) + sorted(declared))}", code="unknown_option")
             value = _text(value)
             if value is not None and value != "":
@@ -184,12 +196,12 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
     method = values.get("method")
     if method is not None:
         if not isinstance(method, str):
-            raise InvalidOption(f"method must be a string, not {method!r}")
+            raise InvalidOption(f"method must be a string, not {shown(method)}")
         if method not in METHODS:
-            raise InvalidOption(f"unknown method {method!r}; choose one of: "
+            raise InvalidOption(f"unknown method {shown(method)}; choose one of: "
                                 f"{', '.join(limits.allowed_methods or METHODS.names())}", code="unknown_method")
         if limits.allowed_methods is not None and method not in limits.allowed_methods:
-            raise InvalidOption(f"method {method!r} is not enabled on this server; enabled: "
+            raise InvalidOption(f"method {shown(method)} is not enabled on this server; enabled: "
                                 f"{', '.join(limits.allowed_methods)}", code="method_not_allowed")
 
     top_k = _integer("top_k", values.get("top_k", limits.default_top_k))
@@ -204,7 +216,7 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
     if isinstance(outputs, str):
         outputs = [o for o in (part.strip() for part in outputs.split(",")) if o]
     if not isinstance(outputs, (list, tuple)) or not all(isinstance(o, str) for o in outputs):
-        raise InvalidOption(f"outputs must be a list of names (or a comma-separated string), not {outputs!r}")
+        raise InvalidOption(f"outputs must be a list of names (or a comma-separated string), not {shown(outputs)}")
     for o in outputs:
         if o not in OUTPUTS:
             raise InvalidOption(f"unknown output {o!r}; outputs are: {', '.join(OUTPUTS)}", code="unknown_output")
@@ -215,7 +227,7 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
 
     target = values.get("target")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (str, int, float))):
-        raise InvalidOption(f"target must be a class index or a label name, not {target!r}", code="invalid_target")
+        raise InvalidOption(f"target must be a class index or a label name, not {shown(target)}", code="invalid_target")
     targets = _targets(values.get("targets"), limits)
     explain_top_k = values.get("explain_top_k")
     if explain_top_k is not None:
@@ -233,7 +245,7 @@ def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestO
 
     for name in ("reduce", "selection"):
         if name in values and not isinstance(values[name], str):
-            raise InvalidOption(f"{name} must be a string, not {values[name]!r}")
+            raise InvalidOption(f"{name} must be a string, not {shown(values[name])}")
 
     return RequestOptions(
         method=method, target=target, top_k=top_k, sparsity=sparsity, reduce=values.get("reduce"),
@@ -253,11 +265,11 @@ def _targets(value: Any, limits: Limits) -> tuple:
             raise InvalidOption("targets must be class indices or labels separated by commas, with none empty",
                                 code="invalid_target")
     if not isinstance(value, (list, tuple)) or not value:
-        raise InvalidOption(f"targets must be a non-empty list of class indices or labels, not {value!r}",
+        raise InvalidOption(f"targets must be a non-empty list of class indices or labels, not {shown(value)}",
                             code="invalid_target")
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise InvalidOption(f"each of targets must be a class index or a label name, not {item!r}",
+            raise InvalidOption(f"each of targets must be a class index or a label name, not {shown(item)}",
                                 code="invalid_target")
     if len(value) > limits.max_targets_per_request:
         raise InvalidOption(f"{len(value)} targets for one image; this server explains at most "

@@ -258,6 +258,9 @@ class ExplanationService:
             job.error = err
         except MemoryError:
             job.error = OutOfMemory("out of memory while decoding the image; send a smaller one")
+        except Exception as err:  # noqa: BLE001 - a bug met by this request alone: the batch goes on without it
+            logger.error("preparing a %s request failed", job.kind, exc_info=True)
+            job.error = InternalError(f"reading the request failed: {type(err).__name__}: {err}")
         return job
 
     def explanation_passes(self, options: Union[RequestOptions, ValidRequest]) -> int:

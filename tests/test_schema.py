@@ -40,6 +40,20 @@ def test_bad_options_are_named(raw, message):
     assert 400 <= http_status(info.value) < 500
 
 
+@pytest.mark.parametrize("name", ["top_k", "explain_top_k"])
+@pytest.mark.parametrize("text", ["+-3", "--2", "²", "٣", "3.5", "1e3", "9" * 5000])
+def test_integer_text_int_cannot_read_is_an_invalid_option_quoting_at_most_a_line(name, text):
+    with pytest.raises(InvalidOption) as info:
+        parse_options({name: text})
+    assert f"{name} must be an integer" in str(info.value) and len(str(info.value)) < 120
+    assert http_status(info.value) == 400
+
+
+@pytest.mark.parametrize("text, value", [("+3", 3), (" 4 ", 4), ("007", 7)])
+def test_integer_text_with_a_sign_spaces_or_leading_zeros_is_read(text, value):
+    assert parse_options({"top_k": text}).top_k == value
+
+
 def test_server_caps_apply():
     limits = Limits(max_top_k=10, allowed_methods=("pathway_gradient",))
     with pytest.raises(InvalidOption, match="between 1 and 10"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..errors import InvalidOption
+from ..errors import InvalidOption, shown
 
 
 def is_positive_int(value: Any) -> bool:
@@ -60,7 +60,7 @@ class OptionSpec:
                     raise ValueError
                 out = value
         except (TypeError, ValueError):
-            raise InvalidOption(f"{name} must be {_article(self.type)}, not {value!r}") from None
+            raise InvalidOption(f"{name} must be {_article(self.type)}, not {shown(value)}") from None
         if self.choices is not None and out not in self.choices:
             raise InvalidOption(f"{name} must be one of {', '.join(map(str, self.choices))}, not {out!r}")
         if self.minimum is not None and out < self.minimum:
@@ -73,7 +73,7 @@ class OptionSpec:
 def check_sparsity(value: Any) -> float:
     """The one sparsity rule (a request's, a model spec's default's): a number in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidOption(f"sparsity must be a number in [0, 1), not {value!r}", code="invalid_sparsity")
+        raise InvalidOption(f"sparsity must be a number in [0, 1), not {shown(value)}", code="invalid_sparsity")
     value = float(value)
     if not 0.0 <= value < 1.0:
         raise InvalidOption(f"sparsity must be in [0, 1), got {value}", code="invalid_sparsity")

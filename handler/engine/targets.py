@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-from ..errors import InvalidTarget
+from ..errors import InvalidTarget, shown
 
 Target = Union[int, str, None]
 
@@ -36,7 +36,7 @@ class ClassNames:
         if target is None or (isinstance(target, str) and target.strip().lower() in ("", "auto", "predicted")):
             return -1
         if isinstance(target, bool):
-            raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
+            raise InvalidTarget(f"target must be a class index or a label name, not {shown(target)}")
         if isinstance(target, str):
             text = target.strip()
             digits = text[1:] if text.startswith("-") else text
@@ -46,21 +46,21 @@ class ClassNames:
                 return self.resolve(int(text))
             hits = self._index.get(text.lower())
             if not hits:
-                raise InvalidTarget(f"unknown class label {text!r}" + (
+                raise InvalidTarget(f"unknown class label {shown(text)}" + (
                     "" if self.labels else " (this model has no class names; give a class index)"),
                     code="unknown_label")
             if len(hits) > 1:
                 named = ", ".join(f"{i} {self.labels[i]!r}" for i in hits)
-                raise InvalidTarget(f"class label {text!r} names several classes ({named}); give the index or the "
-                                    "full label", code="ambiguous_label")
+                raise InvalidTarget(f"class label {shown(text)} names several classes ({named}); give the index "
+                                    "or the full label", code="ambiguous_label")
             return hits[0]
         if isinstance(target, float) and target.is_integer():
             target = int(target)
         if not isinstance(target, int):
-            raise InvalidTarget(f"target must be a class index or a label name, not {target!r}")
+            raise InvalidTarget(f"target must be a class index or a label name, not {shown(target)}")
         limit = self.num_classes
         if target < 0 or (limit is not None and target >= limit):
             bound = f"0..{limit - 1}" if limit is not None else "a non-negative index"
-            raise InvalidTarget(f"target {target} is out of range: this model's classes are {bound}",
+            raise InvalidTarget(f"target {shown(target, 24)} is out of range: this model's classes are {bound}",
                                 code="target_out_of_range")
         return target

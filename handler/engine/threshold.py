@@ -84,7 +84,8 @@ def _select_host(values: np.ndarray, ks: Sequence[int], keep: Optional[np.ndarra
     """Exact per-row selection in a few vectorised host passes (the CPU path; it reads counts as it goes).
 
     ``kthvalue`` is a single-threaded quickselect, several times slower over
-    millions of neurons (benchmarks/speed/README.md, "Figures the code relies on"). Instead, a systematic sample of :data:`HOST_SAMPLE` values of the
+    millions of neurons (benchmarks/speed/README.md, "Figures the code relies
+    on"). Instead, a systematic sample of :data:`HOST_SAMPLE` values of the
     row brackets its ``k``-th value between two order statistics of the sample,
     (``lo``, ``hi``]. One comparison pass per end counts the values at or below
     it: the counts prove that the bracket holds the ``k``-th value, the few

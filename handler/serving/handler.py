@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from ..errors import BadRequest, ExplainError
+from ..errors import BadRequest, ExplainError, InternalError, ResponseTooLarge
 from ..models import ModelSpec, load_model
 from ..schema import Limits
 from ..service import ExplanationService, Job
@@ -101,13 +101,13 @@ class PathwayHandler:
         plans = []
         for i, row in enumerate(data):
             t = time.perf_counter()
-            plans.append(self._plan(parse_request(row, request_headers(context, i), max_instances=self.max_instances)))
+            plans.append(self._plan_row(row, request_headers(context, i)))
             stages["decode", plans[-1].job.kind] += time.perf_counter() - t
         self.service.run([plan.job for plan in plans])
         out = []
         for i, plan in enumerate(plans):
             t = time.perf_counter()
-            out.append(self._encode(i, plan, context))
+            out.append(self._encode_checked(i, plan, context))
             stages["encode", plan.job.kind] += time.perf_counter() - t
             self._record(plan, out[-1], started)
         for (stage, kind), seconds in stages.items():
@@ -145,12 +145,45 @@ class PathwayHandler:
                 out = responses.encode_envelope_v1(answer)
             else:  # kservev2 names each returned item after context.input_names (read after we return)
                 context.input_names, out = responses.encode_envelope_v2(answer)
+            size, limit = len(responses.compact(out)), self.service.limits.max_response_bytes
+            if size > limit:
+                plan.job.error = too_large(size, limit, plan)
+                out = self._envelope_error(plan.error, context)
         self.metrics.stage("encode", plan.job.kind, time.perf_counter() - t)
         self._record(plan, responses.compact(out), started)
         logger.info("pathway batch: 1 request through the %s envelope (%d instances, %s, %s) in %.1f ms", kind,
                     len(plan.job.images), plan.job.kind, "failed" if plan.error is not None else "ok",
                     1000 * (time.perf_counter() - started))
         return out
+
+    def _plan_row(self, row, headers: dict) -> Plan:
+        """One request of the batch read and prepared; a bug met while reading it fails it alone."""
+        try:
+            return self._plan(parse_request(row, headers, max_instances=self.max_instances))
+        except Exception as err:  # noqa: BLE001 - isolated to this request
+            logger.error("reading a request failed", exc_info=True)
+            failed = ParsedRequest(Protocol.PLAIN, explain=False, error=InternalError(
+                f"reading the request failed: {type(err).__name__}: {err}"))
+            return Plan(failed, Job(failed.explain, error=failed.error))
+
+    def _encode_checked(self, index: int, plan: Plan, context) -> Any:
+        """:meth:`_encode`, or the request's own error when its answer cannot be sent.
+
+        TorchServe drops the worker's connection (and restarts the worker, failing its other requests) when
+        one answer exceeds ``max_response_size``; so an answer above ``max_response_bytes`` becomes
+        ``response_too_large``, and a bug while encoding one answer fails that answer alone.
+        """
+        try:
+            body = self._encode(index, plan, context)
+        except Exception as err:  # noqa: BLE001 - isolated to this request
+            logger.error("encoding a %s answer failed", plan.job.kind, exc_info=True)
+            plan.job.error = InternalError(f"encoding the answer failed: {type(err).__name__}: {err}")
+            return self._encode(index, plan, context)
+        limit = self.service.limits.max_response_bytes
+        if plan.error is None and len(body) > limit:
+            plan.job.error = too_large(len(body), limit, plan)
+            return self._encode(index, plan, context)
+        return body
 
     def _plan(self, request: ParsedRequest) -> Plan:
         """The service validates the request once and decodes its images; a transport error stands as it is."""
@@ -208,6 +241,24 @@ class PathwayHandler:
                 self.metrics.explain_latency(method, seconds)
                 if result.realised_sparsity is not None:
                     self.metrics.realised_sparsity(method, result.realised_sparsity)
+
+
+def too_large(size: int, limit: int, plan: Plan) -> ResponseTooLarge:
+    """What to ask for instead of an answer larger than the server sends."""
+    asked = []
+    if plan.job.explain:
+        outputs = {o for v in plan.job.options for o in v.options.outputs}
+        if "overlay" in outputs and not plan.request.wants_png:
+            asked.append("no overlay in JSON (Accept: image/png returns the overlay alone, as a PNG)")
+        if "attribution" in outputs:
+            asked.append("no attribution")
+        if any(v.explanations > 1 for v in plan.job.options):
+            asked.append("fewer targets")
+    if len(plan.job.images) > 1:
+        asked.append("fewer images per request")
+    return ResponseTooLarge(
+        f"the answer would be {size / 2**20:.1f} MiB, more than this server sends ({limit / 2**20:.1f} MiB, "
+        f"max_response_bytes); ask for {' or '.join(asked or ['a smaller photo'])}")
 
 
 def request_headers(context, index: int) -> dict:

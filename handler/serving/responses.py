@@ -25,6 +25,7 @@ STATUS = {
     "too_many_instances": 413,
     "unsupported_image_format": 415,
     "unsupported_media_type": 415,
+    "response_too_large": 422,
     "internal_error": 500,
     "unsupported_model": 501,
     "out_of_memory": 507,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 from collections import defaultdict
@@ -203,6 +204,63 @@ def test_a_request_the_parser_did_not_foresee_is_a_400_not_a_failed_batch(served
     ctx = context([{}])
     out = h.handle([{"body": bytearray(coffee)}], ctx)
     assert ctx.status == {0: 400} and json.loads(out[0])["type"] == "unreadable_request"
+
+
+def test_an_option_value_int_cannot_read_is_a_400_for_its_request_and_its_neighbours_served(served, coffee):
+    """"+-3" passed a lstrip("+-").isdigit() check that int() then refused: the ValueError failed the whole
+    batch with TorchServe's 503, good neighbours included."""
+    h, context, cache = served
+    bad_json = {"image": {"b64": base64.b64encode(coffee).decode()}, "top_k": "²"}
+    headers = [explain_headers(Method="gradient", **{"Top-K": "+-3"}), {"X-Explain-Explain-Top-K": "--2"},
+               {"content-type": "application/json", "explain": "True"}, explain_headers(Method="gradient"), {}]
+    bodies = [bytearray(coffee), bytearray(coffee), bad_json, bytearray(coffee), bytearray(coffee)]
+    ctx = context(headers)
+    out = h.handle([{"body": b} for b in bodies], ctx)
+    assert ctx.status == {0: 400, 1: 400, 2: 400}
+    assert all("must be an integer" in json.loads(out[i])["message"] for i in range(3))
+    assert json.loads(out[3])["explanation"]["target"]["label"] == "espresso"
+    assert json.loads(out[4])["predictions"][0]["label"] == "espresso"
+
+
+def test_a_bug_met_while_preparing_one_request_fails_it_alone_as_an_internal_error(served, coffee, monkeypatch):
+    h, context, cache = served
+    decode = h.service.decode
+
+    def fails_on_pngs_of_odd_length(data):
+        if len(data) % 2:
+            raise KeyError("something no test imagined")
+        return decode(data)
+
+    monkeypatch.setattr(h.service, "decode", fails_on_pngs_of_odd_length)
+    odd = coffee if len(coffee) % 2 else coffee + b"\0"
+    even = coffee + b"\0" if len(coffee) % 2 else coffee
+    ctx = context([{}, {}])
+    out = h.handle([{"body": bytearray(odd)}, {"body": bytearray(even)}], ctx)
+    assert ctx.status == {0: 500}
+    assert json.loads(out[0])["type"] == "internal_error" and "KeyError" in json.loads(out[0])["message"]
+    assert json.loads(out[1])["predictions"][0]["label"] == "espresso"
+
+
+def test_an_answer_larger_than_the_server_sends_is_refused_alone_saying_what_to_ask_for(served, coffee, monkeypatch):
+    """TorchServe drops the worker's connection (a dead worker, its batch failed) when one answer exceeds
+    max_response_size: such an answer is a typed 422 instead, and its neighbours are answered."""
+    h, context, cache = served
+    monkeypatch.setattr(h.service, "limits", dataclasses.replace(h.service.limits, max_response_bytes=150_000))
+    headers = [explain_headers(Method="gradient", Outputs="heatmap,overlay"), explain_headers(Method="gradient"),
+               {"explain": "True", "X-Explain-Method": "gradient", "accept": "image/png"}]
+    ctx = context(headers)
+    out = h.handle([{"body": bytearray(coffee)}] * 3, ctx)
+    assert ctx.status == {0: 422, 2: 422}
+    error = json.loads(out[0])
+    assert error["type"] == "response_too_large" and "no overlay in JSON" in error["message"], error
+    assert "max_response_bytes" in json.loads(out[2])["message"]
+    assert len(out[1]) <= 150_000 and json.loads(out[1])["explanation"]["target"]["label"] == "espresso"
+    assert cache.values("pathway_rejected_requests_total", reason="response_too_large", code="422") == [1, 1]
+    envelope = {"instances": [{"image": {"b64": base64.b64encode(coffee).decode()}, "outputs": "overlay"}]}
+    ctx = context([{"content-type": "application/json", "explain": "True"}])
+    ctx.request_ids = {0: "req-0"}
+    out = h.handle([{"body": envelope}], ctx)
+    assert ctx.status == {0: 422} and json.loads(out[0])["type"] == "response_too_large"
 
 
 def test_a_request_over_the_pass_budget_is_refused_before_any_work_and_its_neighbours_served(served, coffee):
