@@ -142,7 +142,7 @@ def list_labels(spec) -> int:
         return 2
     for index, name in enumerate(labels):
         print(f"{index}\t{name}")
-    for name, indices in label_aliases(spec).items():
+    for name, indices in label_aliases(labels).items():
         print(f"# {name!r} alone names classes {', '.join(map(str, indices))}: give the index or the full label")
     return 0
 

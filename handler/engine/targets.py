@@ -19,6 +19,7 @@ class ClassNames:
         self._index: dict = {}
         for i, name in enumerate(self.labels or ()):
             self._index.setdefault(name.lower(), []).append(i)
+        self._aliases = {name.lower() for name in aliases or ()} if self.labels else set()
         for name, indices in (aliases or {}).items() if self.labels else ():
             hits = self._index.setdefault(name.lower(), [])
             hits.extend(i for i in indices if i not in hits and 0 <= i < len(self.labels))
@@ -49,6 +50,9 @@ class ClassNames:
                 raise InvalidTarget(f"unknown class label {shown(text)}" + (
                     "" if self.labels else " (this model has no class names; give a class index)"),
                     code="unknown_label")
+            exact = [i for i in hits if self.labels[i] == text]
+            if len(hits) > 1 and len(exact) == 1 and text.lower() not in self._aliases:
+                return exact[0]  # "Cardigan" (the corgi) and "cardigan" (the sweater) differ only in case
             if len(hits) > 1:
                 named = ", ".join(f"{i} {self.labels[i]!r}" for i in hits)
                 raise InvalidTarget(f"class label {shown(text)} names several classes ({named}); give the index "

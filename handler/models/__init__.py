@@ -21,7 +21,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -234,9 +234,15 @@ def imagenet_labels() -> list:
 IMAGENET_RENAMED = {"crane": (134, 517), "maillot": (638, 639)}
 
 
-def label_aliases(spec: "ModelSpec") -> dict:
-    """Names that stand for more than one of the model's classes (lower case -> class indices)."""
-    return {name: list(indices) for name, indices in IMAGENET_RENAMED.items()} if spec.labels == "imagenet" else {}
+def label_aliases(labels: Optional[Sequence[str]]) -> dict:
+    """Names that stand for more than one of the model's classes (lower case -> class indices).
+
+    Decided by the class names themselves, not by how the spec refers to them: an archive's spec names the
+    ImageNet classes through its own ``labels.json``, and ``--labels`` may give them as a file.
+    """
+    if labels is None or len(labels) != 1000 or list(labels) != imagenet_labels():
+        return {}
+    return {name: list(indices) for name, indices in IMAGENET_RENAMED.items()}
 
 
 def load_labels(spec: ModelSpec) -> Optional[list]:
@@ -499,7 +505,7 @@ def load_model(spec: Union[str, Path, ModelSpec], device: Union[str, torch.devic
         logger.info("model %s prepared for inference: %s; predictions: %s; explanations: %s model", spec.name,
                     report.summary(), _describe_predictor(serving),
                     "the prepared" if settings.explain_prepared and not report.reverted else "the trained")
-    return LoadedModel(spec, model, labels, label_aliases(spec), weights_sha256, report, serving, explains_prepared)
+    return LoadedModel(spec, model, labels, label_aliases(labels), weights_sha256, report, serving, explains_prepared)
 
 
 def check_serves(model: nn.Module, spec: ModelSpec, device: Union[str, torch.device]) -> None:

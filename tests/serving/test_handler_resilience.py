@@ -263,6 +263,20 @@ def test_an_answer_larger_than_the_server_sends_is_refused_alone_saying_what_to_
     assert ctx.status == {0: 422} and json.loads(out[0])["type"] == "response_too_large"
 
 
+def test_an_archive_names_classes_as_the_builtin_model_does(served, coffee):
+    """The archive's spec reads the ImageNet names from its own labels.json: "crane" alone (the bird, renamed
+    "crane bird" by torchvision, or the machine) stays ambiguous, and a label that differs from another only
+    in case names its own class."""
+    h, context, cache = served
+    targets = ["crane", "maillot", "Cardigan", "cardigan", "CARDIGAN", "crane bird"]
+    ctx = context([explain_headers(Method="gradient", Target=t, Outputs="pathway") for t in targets])
+    out = h.handle([{"body": bytearray(coffee)}] * len(targets), ctx)
+    assert ctx.status == {0: 400, 1: 400, 4: 400}
+    assert [json.loads(out[i])["type"] for i in (0, 1, 4)] == ["ambiguous_label"] * 3
+    assert "134 'crane bird'" in json.loads(out[0])["message"] and "517 'crane'" in json.loads(out[0])["message"]
+    assert [json.loads(out[i])["explanation"]["target"]["index"] for i in (2, 3, 5)] == [264, 474, 134]
+
+
 def test_a_request_over_the_pass_budget_is_refused_before_any_work_and_its_neighbours_served(served, coffee):
     """8 images x 128 integrated-gradient steps is 1040 passes, over the archive's 1000 per request: without
     the budget a batch of such requests would outlast responseTimeout and TorchServe would kill the worker."""
