@@ -175,8 +175,35 @@ _KNOWN_CONTAINERS = (
 )
 
 
+#: Leading bytes of the raster formats Pillow reads: data that starts like one but that no plugin identifies has a
+#: damaged header (a bad checksum, a zero width) or is a variant Pillow does not decode (64-bit TIFF samples).
+_IMAGE_SIGNATURES = (
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"), (0, b"\xff\xd8\xff", "JPEG"), (0, b"GIF87a", "GIF"), (0, b"GIF89a", "GIF"),
+    (0, b"II*\x00", "TIFF"), (0, b"MM\x00*", "TIFF"), (8, b"WEBP", "WebP"),
+)
+#: A BMP's two-byte "BM" is followed, at offset 14, by the size of one of its header versions (a text that happens
+#: to start with "BM" is not a damaged BMP).
+_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+
+
+def _looks_like(data: bytes) -> Optional[str]:
+    """The raster format whose signature ``data`` starts with, if any."""
+    for offset, signature, fmt in _IMAGE_SIGNATURES:
+        if bytes(data[offset:offset + len(signature)]) == signature:
+            return fmt
+    if bytes(data[:2]) == b"BM" and len(data) >= 18 and int.from_bytes(data[14:18], "little") in _BMP_HEADER_SIZES:
+        return "BMP"
+    return None
+
+
 def _refuse_unidentified(data: bytes, limits: ImageLimits) -> ExplainError:
-    """The error for bytes Pillow does not recognise: an image format it cannot decode, named, or not an image."""
+    """The error for bytes Pillow does not recognise: a damaged image, an image format it cannot decode, named,
+    or not an image."""
+    fmt = _looks_like(data)
+    if fmt is not None:
+        return InvalidImage(f"the data starts like a {fmt} image, but its header cannot be read: the file is "
+                            "damaged or truncated, or a variant this server does not decode; re-save it as PNG or "
+                            "JPEG", code="corrupt_image")
     for offset, signature, fmt, what in _KNOWN_CONTAINERS:
         if bytes(data[offset:offset + len(signature)]) == signature:
             if fmt is not None:

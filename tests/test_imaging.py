@@ -159,6 +159,27 @@ def test_what_people_send_by_mistake_is_named(data, error, code, says):
     assert http_status(info.value) == (415 if error is UnsupportedImage else 400)
 
 
+def _damaged(data: bytes, offset: int, value: bytes) -> bytes:
+    return data[:offset] + value + data[offset + len(value):]
+
+
+@pytest.mark.parametrize("fmt, damage", [
+    ("PNG", lambda d: _damaged(d, 29, bytes([d[29] ^ 0xFF]))),  # the header chunk's checksum
+    ("PNG", lambda d: _damaged(d, 16, b"\x00\x00\x00\x00")),  # width 0
+    ("TIFF", lambda d: _damaged(d, 4, b"\xff\xff\xff\x7f")),  # the first directory far past the end
+])
+def test_an_image_whose_header_is_damaged_is_corrupt_not_unrecognised(photo, fmt, damage):
+    with pytest.raises(InvalidImage) as info:
+        decode_image(damage(encode(photo, fmt)))
+    assert info.value.code == "corrupt_image" and f"starts like a {fmt} image" in str(info.value), info.value
+
+
+def test_text_that_starts_like_a_bitmap_is_not_called_a_damaged_bitmap():
+    with pytest.raises(InvalidImage) as info:
+        decode_image(b"BMW photos: see the attachment")
+    assert "starts like a BMP" not in str(info.value)
+
+
 def test_refusals_list_the_formats_actually_accepted(photo):
     limits = ImageLimits(formats=("PNG", "MPO", "JPEG"))
     with pytest.raises(InvalidImage, match=r"send one of PNG, JPEG$"):
