@@ -129,9 +129,41 @@ def declared_option_names() -> set:
     return names
 
 
-def _name(key: str) -> str:
+def option_name(key: str) -> str:
+    """The option a field, header or flag names: case-insensitive, ``-`` = ``_``, without ``X-Explain-``."""
     key = key.strip().lower().replace("-", "_")
     return key[len("x_explain_"):] if key.startswith("x_explain_") else key
+
+
+def combine_options(*sources: tuple) -> dict:
+    """The options of one request gathered from several places (``(where, mapping)`` pairs: its headers, its
+    body's fields, KServe ``parameters``) as one mapping.
+
+    An option given twice (in two places, or spelled two ways in one: ``top_k`` and ``Top-K``) with different
+    values is refused, naming both: no place silently wins over another. The same value twice is fine.
+    """
+    combined: dict = {}
+    seen: dict = {}
+    for where, options in sources:
+        for key, value in options.items():
+            name = option_name(str(key))
+            if name in seen:
+                first_where, first_key, first_value = seen[name]
+                if _same_value(first_value, value):
+                    continue
+                raise InvalidOption(
+                    f"{name} is given twice with different values: {first_key} = {shown(first_value)} ({first_where}) "
+                    f"and {key} = {shown(value)} ({where}); give it once", code="conflicting_options")
+            seen[name] = (where, key, value)
+            combined[key] = value
+    return combined
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as sent: ``281`` in JSON and ``"281"`` in a header are the same value."""
+    a, b = _text(a), _text(b)
+    return a == b or (not isinstance(a, (list, tuple, dict)) and not isinstance(b, (list, tuple, dict))
+                      and str(a) == str(b))
 
 
 def _text(value: Any) -> Any:
@@ -174,11 +206,12 @@ def _number(name: str, value: Any) -> float:
 
 def parse_options(raw: Mapping[str, Any], limits: Limits = Limits()) -> RequestOptions:
     """Validated options from loosely typed fields (text from multipart or headers, JSON values, CLI flags)."""
+    raw = combine_options(("the request", raw))  # one option spelled two ways with two values is refused
     values: dict = {}
     method_options: dict = {}
     declared = None
     for key, value in raw.items():
-        name = _name(str(key))
+        name = option_name(str(key))
         if name not in OPTION_NAMES:
             declared = declared if declared is not None else declared_option_names()
             if name not in declared:

@@ -32,6 +32,7 @@ from enum import Enum
 from typing import Any, Mapping, Optional
 
 from ..errors import BadRequest, ExplainError, InvalidImage, InvalidOption, UnsupportedMediaType
+from ..schema import combine_options, option_name
 
 IMAGE_FIELDS = ("image", "data", "file", "b64", "bytes")
 logger = logging.getLogger(__name__)
@@ -138,33 +139,36 @@ def _parse_multipart(request: ParsedRequest, fields: dict, from_headers: dict) -
         raise BadRequest(f"multipart field {image_key!r} holds JSON, not image bytes")
     if isinstance(image, str):
         image = image.encode("latin-1", "replace")
-    options = dict(from_headers)
+    options = {}
     for name, value in fields.items():
         if name in IMAGE_FIELDS:
             raise BadRequest(f"send one image per multipart request (found both {image_key!r} and {name!r})")
         options[name] = _option_value(name, value)
-    request.instances = [Instance(bytes(image), options)]
+    request.instances = [Instance(bytes(image), combine_options(("headers", from_headers), ("form fields", options)))]
 
 
 def _parse_json(request: ParsedRequest, body: dict, from_headers: dict, max_instances: int) -> None:
     if "instances" in body:
         request.protocol = Protocol.KSERVE_V1
         instances = body["instances"]
-        shared = dict(from_headers)
-        shared.update(_parameters(body.get("parameters")))
+        shared = combine_options(("headers", from_headers), ("parameters", _parameters(body.get("parameters"))))
         if not isinstance(instances, list) or not instances:
             raise BadRequest("'instances' must be a non-empty list")
         _check_count(len(instances), max_instances)
-        request.instances = [_json_instance(item, shared, f"instances[{i}]") for i, item in enumerate(instances)]
+        request.instances = [_json_instance(item, shared, f"instances[{i}]", overrides=True)
+                             for i, item in enumerate(instances)]
         return
     if "inputs" in body:
         request.protocol = Protocol.KSERVE_V2
         _parse_v2(request, body, from_headers, max_instances)
         return
-    request.instances = [_json_instance(body, from_headers, "body")]
+    request.instances = [_json_instance(body, from_headers, "body", overrides=False)]
 
 
-def _json_instance(item: Any, shared: dict, where: str) -> Instance:
+def _json_instance(item: Any, shared: dict, where: str, *, overrides: bool) -> Instance:
+    """One image and its options. ``overrides``: a KServe instance's own fields override the request's
+    ``parameters`` and headers for that instance; elsewhere (a plain JSON body) an option given both in a
+    header and in the body with different values is refused."""
     if isinstance(item, str):
         return Instance(decode_base64(item, where), dict(shared))
     if not isinstance(item, dict):
@@ -175,10 +179,11 @@ def _json_instance(item: Any, shared: dict, where: str) -> Instance:
         raise BadRequest(f"{where} has no image: add \"image\": \"<base64>\" (or {{\"b64\": \"<base64>\"}})",
                          code="missing_image")
     image = decode_base64(item.pop(key), f"{where}.{key}")
-    options = dict(shared)
-    options.update(_parameters(item.pop("parameters", None)))
-    options.update(item)
-    return Instance(image, options)
+    own = combine_options((f"{where}.parameters", _parameters(item.pop("parameters", None))), (where, item))
+    if not overrides:
+        return Instance(image, combine_options(("headers", shared), ("the JSON body", own)))
+    names = {option_name(str(k)) for k in own}
+    return Instance(image, {**{k: v for k, v in shared.items() if option_name(str(k)) not in names}, **own})
 
 
 def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instances: int) -> None:
@@ -186,8 +191,7 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
     request.request_id = body.get("id") if isinstance(body.get("id"), str) else None
-    shared = dict(from_headers)
-    shared.update(_parameters(body.get("parameters")))
+    shared = combine_options(("headers", from_headers), ("parameters", _parameters(body.get("parameters"))))
     images = None
     rows = {}  # option tensors of shape [images, K]: one row per image (several targets per instance)
     for tensor in inputs:
@@ -200,11 +204,13 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
         if tensor.get("datatype") == "BYTES" and images is None and (name in IMAGE_FIELDS or name.startswith("image")
                                                                      or name.startswith("input")):
             images = data
-            shared.update(_parameters(tensor.get("parameters")))
+            shared = combine_options(("request", shared), (f"input {name!r}'s parameters",
+                                                           _parameters(tensor.get("parameters"))))
         elif name in PER_IMAGE_TENSORS and isinstance(tensor.get("shape"), list) and len(tensor["shape"]) == 2:
             rows[name] = (tensor["shape"], data)
         elif data:
-            shared[name] = data[0] if len(data) == 1 else data
+            shared = combine_options(("request", shared), (f"input {name!r}", {name: data[0] if len(data) == 1
+                                                                                else data}))
     if images is None:
         raise BadRequest("no image among 'inputs': send a BYTES tensor named 'image' whose data are base64 strings",
                          code="missing_image")
@@ -335,7 +341,8 @@ def parse_envelope(kind: str, rows: list, headers: Mapping[str, Any], *, max_ins
     try:
         if kind == ENVELOPE_V1:
             _check_count(len(rows), max_instances)
-            request.instances = [_json_instance(item, from_headers, f"instances[{i}]") for i, item in enumerate(rows)]
+            request.instances = [_json_instance(item, from_headers, f"instances[{i}]", overrides=True)
+                                 for i, item in enumerate(rows)]
         else:
             for tensor in rows:
                 shape = tensor.get("shape")

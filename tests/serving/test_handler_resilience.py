@@ -263,6 +263,32 @@ def test_an_answer_larger_than_the_server_sends_is_refused_alone_saying_what_to_
     assert ctx.status == {0: 422} and json.loads(out[0])["type"] == "response_too_large"
 
 
+def test_an_option_given_twice_with_different_values_is_refused_naming_both_places(served, coffee):
+    h, context, cache = served
+    image = base64.b64encode(coffee).decode()
+    json_headers = {"content-type": "application/json", "explain": "True"}
+    requests = [
+        ({**json_headers, "X-Explain-Top-K": "7"}, {"image": image, "top_k": 2, "method": "gradient"}),
+        (json_headers, {"image": image, "top_k": 2, "Top-K": 3, "method": "gradient"}),
+        (explain_headers(Target="281"), {"data": bytearray(coffee), "target": bytearray(b"282")}),
+        (json_headers, {"image": image, "parameters": {"sparsity": 0.5}, "sparsity": 0.6}),
+        # the same value twice is one value; a KServe instance's own field overrides the shared parameters
+        ({**json_headers, "X-Explain-Target": "281"}, {"image": image, "target": 281, "method": "gradient"}),
+        (json_headers, {"instances": [{"image": image, "target": 285}], "parameters": {"target": 281,
+                                                                                      "method": "gradient"}}),
+    ]
+    ctx = context([headers for headers, _ in requests])
+    out = h.handle([{"body": body} if "data" not in body else body for _, body in requests], ctx)
+    assert ctx.status == {0: 400, 1: 400, 2: 400, 3: 400}
+    errors = [json.loads(out[i]) for i in range(4)]
+    assert all(e["type"] == "conflicting_options" for e in errors), errors
+    assert "top-k = '7' (headers) and top_k = 2 (the JSON body)" in errors[0]["message"]
+    assert "top_k = 2" in errors[1]["message"] and "Top-K = 3" in errors[1]["message"]
+    assert "(headers)" in errors[2]["message"] and "(form fields)" in errors[2]["message"]
+    assert json.loads(out[4])["explanation"]["target"]["index"] == 281
+    assert json.loads(out[5])["explanations"][0]["explanation"]["target"]["index"] == 285
+
+
 def test_an_archive_names_classes_as_the_builtin_model_does(served, coffee):
     """The archive's spec reads the ImageNet names from its own labels.json: "crane" alone (the bird, renamed
     "crane bird" by torchvision, or the machine) stays ambiguous, and a label that differs from another only
