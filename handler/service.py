@@ -461,6 +461,12 @@ class ExplanationService:
         settings = options.visualization
         document = explanation_document(
             self.name, explanation, self.labels, options, self.preprocessor.describe(image))
+        unused = [name for name in ("sparsity", "selection") if getattr(options, name) is not None
+                  and getattr(validated.request, name) is None]
+        if unused:  # accepted (a client may keep them while switching methods), never silently
+            document["explanation"]["notes"].append(
+                f"{' and '.join(unused)} apply to methods that follow a pathway; {explanation.method} follows none, "
+                "so they were not used")
         artifacts = {}
         if "heatmap" in options.outputs:
             artifacts["heatmap"] = png_bytes(

@@ -89,8 +89,9 @@ class ExplainRequest:
 @dataclass(frozen=True)
 class ValidRequest(ExplainRequest):
     """A request :meth:`Explainer.validate` accepted: defaults filled in, options typed and within their
-    bounds, the target resolved to ``class_index`` (``-1``: the predicted class). The engine runs it
-    without checking it again."""
+    bounds, the target resolved to ``class_index`` (``-1``: the predicted class); ``sparsity`` and
+    ``selection`` are None for a method that follows no pathway. The engine runs it without checking it
+    again."""
 
     class_index: int = -1
 
@@ -260,6 +261,8 @@ class Explainer:
         for registry, name in ((METHODS, method), (REDUCTIONS, reduce), (SELECTIONS, selection)):
             registry.get(name)  # raises UnknownNameError, coded after the registry
         sparsity = check_sparsity(sparsity)
+        if not METHODS.get(method).uses_pathway:  # checked above (a typo is still an error), then not used
+            sparsity, selection = None, None
         options = self._validate_options(method, selection, dict(request.options))
         return ValidRequest(request.target, method, sparsity, reduce, selection, options,
                             class_index=self.resolve_target(request.target))
