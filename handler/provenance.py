@@ -29,7 +29,7 @@ import importlib.metadata
 import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -114,6 +114,62 @@ def raw_options(record: dict) -> dict:
     raw = {k: v for k, v in record.items() if k != "method_options" and v is not None and v != []}
     raw.update(record.get("method_options") or {})
     return raw
+
+
+#: Fields of a document that the digest comparison covers, or that record how rather than what.
+_NOT_CONTENT = ("provenance",)
+
+
+def document_differences(given, recomputed, path: str = "") -> list:
+    """Where a document differs from the one recomputed for it (``explanation.pathway.kept_neurons``, ...),
+    as paths with what each holds; [] when its content is what the recomputation produces.
+
+    Inline binary outputs (``{"encoding": "base64", "data": ...}``) are compared by content: PNGs by their
+    pixels, ``.npy`` arrays by their values at the array's own dtype (the server sends float16, the CLI
+    float32). Outputs written to files (``{"path": ...}``) are not read.
+    """
+    if isinstance(given, Mapping) and isinstance(recomputed, Mapping):
+        if "path" in given and "encoding" in recomputed:  # written to a file beside the document: not read
+            return []
+        if "encoding" in given or "encoding" in recomputed:
+            return [] if _same_output(given, recomputed) else [f"{path} (its {given.get('media_type', 'data')})"]
+        out = []
+        for key in dict.fromkeys(list(given) + list(recomputed)):
+            if path == "" and key in _NOT_CONTENT:
+                continue
+            where = f"{path}.{key}" if path else str(key)
+            if key not in given or key not in recomputed:
+                out.append(f"{where} ({'missing' if key not in given else 'not produced'})")
+            else:
+                out.extend(document_differences(given[key], recomputed[key], where))
+        return out
+    if isinstance(given, list) and isinstance(recomputed, list) and len(given) == len(recomputed):
+        return [d for i, (a, b) in enumerate(zip(given, recomputed)) for d in document_differences(a, b, f"{path}[{i}]")]
+    return [] if given == recomputed else [f"{path} ({_brief(given)} instead of {_brief(recomputed)})"]
+
+
+def _same_output(given: Mapping, recomputed: Mapping) -> bool:
+    import base64
+    import io
+
+    from PIL import Image
+
+    try:
+        data = base64.b64decode(str(given.get("data", "")), validate=True)
+        expected = base64.b64decode(str(recomputed.get("data", "")))
+        if given.get("media_type") != recomputed.get("media_type"):
+            return False
+        if recomputed.get("media_type") == "image/png":
+            return np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(Image.open(io.BytesIO(expected))))
+        shown, produced = np.load(io.BytesIO(data)), np.load(io.BytesIO(expected))
+        return shown.shape == produced.shape and np.array_equal(shown, produced.astype(shown.dtype))
+    except Exception:  # noqa: BLE001 - an unreadable payload is a difference, whatever the decoder says
+        return False
+
+
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def _plain(value):

@@ -40,8 +40,8 @@ from .errors import ExplainError, InternalError, InvalidOption, InvalidTarget, O
 from .imaging import (IMAGE_SHA256, Preprocessor, decode_image, full_photo, npy_bytes, open_image, png_bytes,
                       render_heatmap, render_overlay, render_strip)
 from .models import LoadedModel, ModelSpec, explainer_for, load_model
-from .provenance import (Verification, attribution_sha256, device_kind, package_version, raw_options,
-                         resolved_options, sha256_hex, source_revision)
+from .provenance import (Verification, attribution_sha256, device_kind, document_differences, package_version,
+                         raw_options, resolved_options, sha256_hex, source_revision)
 from .schema import (Limits, RequestOptions, explanation_document, inline_outputs, parse_options,
                      prediction_document, several_targets_document)
 
@@ -597,6 +597,14 @@ class ExplanationService:
                         f" (made on {record.get('device')}, recomputed on {device})"
                     found.append(("attribution", f"attribution{which}: the document's has sha256 {_short(kept)}, "
                                                  f"the recomputed one {_short(digest)}{where}"))
+            if not found:  # the record holds: is the rest of the document what that explanation shows?
+                parts = [self._render(decoded, validated, e, np.float32) for e in explanations]
+                remade = ExplainResult.several(parts) if several else parts[0]
+                differences = document_differences(document, remade.inline())
+                if differences:
+                    more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
+                    found.append(("content", "content: the document's " + ", ".join(differences[:4]) + more
+                                  + " differ from what the recorded explanation shows"))
         if not found:
             what = (f"{len(recomputed)} attributions (sha256 {', '.join(_short(d) for d in recomputed)})" if several
                     else f"attribution sha256 {_short(recomputed)}")

@@ -5,6 +5,7 @@ TorchServe under concurrent load are in tests/serving/test_reproducible_serving.
 """
 
 import hashlib
+import base64
 import json
 
 import numpy as np
@@ -140,6 +141,34 @@ def test_verify_accepts_the_document_for_its_image_and_names_what_differs_otherw
     assert refused.differences == ("options",) and "sparsity" in refused.message
 
     assert lite0_service.verify({"model": "x"}, coffee).differences == ("document",)
+
+
+def _flip_base64(output: dict, at: float = 1.0) -> None:
+    """Flip one bit of an inline output, at a fraction ``at`` of its length (1: its last byte)."""
+    raw = bytearray(base64.b64decode(output["data"]))
+    raw[min(len(raw) - 1, int(len(raw) * at))] ^= 1
+    output["data"] = base64.b64encode(bytes(raw)).decode()
+
+
+@pytest.mark.parametrize("tamper, where", [
+    (lambda d: d["predictions"][0].update(label="cup", probability=0.01), "predictions[0].label ('cup' instead of"),
+    (lambda d: d["explanation"]["pathway"].update(kept_neurons=1), "explanation.pathway.kept_neurons (1 instead of"),
+    (lambda d: d["explanation"]["target"].update(probability=0.5), "explanation.target.probability (0.5 instead"),
+    (lambda d: d["explanation"]["notes"].append("looks fine"), "explanation.notes (["),
+    (lambda d: _flip_base64(d["explanation"]["attribution"]), "explanation.attribution (its application/x-npy)"),
+    (lambda d: _flip_base64(d["explanation"]["overlay"], 0.5), "explanation.overlay (its image/png)"),
+    (lambda d: d["explanation"].pop("heatmap"), "explanation.heatmap (missing)"),
+])
+def test_verify_checks_what_the_document_shows_not_only_its_record(lite0_service, coffee, tamper, where):
+    """The digest proves the recorded attribution; a document whose predictions, pathway summary or outputs were
+    changed after the fact must not verify because its record still holds."""
+    [result] = lite0_service.explain_images([coffee], outputs="heatmap,overlay,attribution,pathway")
+    document = json.loads(json.dumps(result.inline()))
+    assert lite0_service.verify(document, coffee).ok
+    tamper(document)
+    verified = lite0_service.verify(document, coffee)
+    assert not verified.ok and verified.differences == ("content",), verified.message
+    assert where in verified.message, verified.message
 
 
 @pytest.mark.parametrize("asked", [{"explain_top_k": 2}, {"targets": [968, "espresso"]}])
