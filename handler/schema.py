@@ -36,6 +36,7 @@ most probable first), instead of ``"explanation"``; one target keeps the shape a
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -292,6 +293,12 @@ def _targets(value: Any, limits: Limits) -> tuple:
     the CLI). Duplicates and unknown labels are found once the model resolves them (the service)."""
     if value is None:
         return ()
+    if isinstance(value, str) and value.strip().startswith("["):  # a JSON list sent as text (a header, a form field)
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise InvalidOption(f"targets {shown(value)} is not a JSON list; give indices and labels as [967, "
+                                "\"cup\"] or separated by commas", code="invalid_target") from None
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",")]
         if any(not part for part in value):

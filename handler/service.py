@@ -165,6 +165,17 @@ class ExplainResult:
                                                  zip(self.document["explanations"], self.parts)])
 
 
+def _naming_image(index: int, count: int, step, *args):
+    """``step(*args)`` for image ``index`` of a request of ``count``; an error it raises names that image when
+    the request has several (a KServe request's instances), so the caller knows which one to fix."""
+    try:
+        return step(*args)
+    except ExplainError as err:
+        if count > 1:
+            err.args = (f"image {index + 1} of {count} (instances[{index}]): {err}",)
+        raise
+
+
 class ExplanationService:
     def __init__(self, loaded: LoadedModel, device: Union[str, torch.device] = "cpu", limits: Limits = Limits(),
                  observer: Optional[ServiceObserver] = None, *, memory_budget=None,
@@ -216,11 +227,11 @@ class ExplanationService:
         operator's budget (explanations only), and each costly option against the operator's caps.
         Explanation options sent with a prediction are checked too: a bad target is an error there as well.
         """
-        parsed = [parse_options(options, self.limits) for options in raw]
+        parsed = [_naming_image(i, len(raw), parse_options, options, self.limits) for i, options in enumerate(raw)]
         if extra_outputs:
             parsed = [replace(o, outputs=o.outputs + tuple(x for x in extra_outputs if x not in o.outputs))
                       for o in parsed]
-        validated = [self._validate_one(o) for o in parsed]
+        validated = [_naming_image(i, len(parsed), self._validate_one, o) for i, o in enumerate(parsed)]
         if explain:
             self._check_budget(validated)
         return validated
@@ -253,7 +264,7 @@ class ExplanationService:
         job = Job(explain)
         try:
             job.options = self.validate(raw, explain=explain, extra_outputs=extra_outputs)
-            job.images = [self.decode(data) for data in images]
+            job.images = [_naming_image(i, len(images), self.decode, data) for i, data in enumerate(images)]
         except ExplainError as err:
             job.error = err
         except MemoryError:

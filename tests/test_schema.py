@@ -54,6 +54,13 @@ def test_integer_text_with_a_sign_spaces_or_leading_zeros_is_read(text, value):
     assert parse_options({"top_k": text}).top_k == value
 
 
+def test_targets_as_a_json_list_in_text_read_like_the_json_list():
+    assert parse_options({"X-Explain-Targets": '[967, "cup"]'}).targets == parse_options(
+        {"targets": [967, "cup"]}).targets == (967, "cup")
+    with pytest.raises(InvalidOption, match="is not a JSON list"):
+        parse_options({"targets": "[967, cup"})
+
+
 def test_server_caps_apply():
     limits = Limits(max_top_k=10, allowed_methods=("pathway_gradient",))
     with pytest.raises(InvalidOption, match="between 1 and 10"):

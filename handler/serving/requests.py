@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping, Optional
 
-from ..errors import BadRequest, ExplainError, InvalidImage, InvalidOption, UnsupportedMediaType
+from ..errors import BadRequest, ExplainError, InvalidImage, InvalidOption, UnsupportedMediaType, shown
 from ..schema import combine_options, option_name
 
 IMAGE_FIELDS = ("image", "data", "file", "b64", "bytes")
@@ -122,8 +122,9 @@ def _parse_into(request: ParsedRequest, row: dict, headers: dict, max_instances:
                     "the body was sent as a URL-encoded form (curl --data-binary without a content type); "
                     "use curl -T photo.jpg or -H 'Content-Type: application/octet-stream'")
             request.instances = [Instance(bytes(body), from_headers)]
-        else:
-            raise BadRequest("empty request: send an image")
+        else:  # TorchServe decoded a JSON body that is a bare number, true/false or null
+            raise BadRequest("a JSON body must be an object such as {\"image\": \"<base64>\"}, not "
+                             + ("null" if body is None else shown(body)))
         return
     _parse_multipart(request, row, from_headers)
 
@@ -190,7 +191,9 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
     inputs = body["inputs"]
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
-    request.request_id = body.get("id") if isinstance(body.get("id"), str) else None
+    request_id = body.get("id")
+    request.request_id = str(request_id) if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) \
+        else None
     shared = combine_options(("headers", from_headers), ("parameters", _parameters(body.get("parameters"))))
     images = None
     rows = {}  # option tensors of shape [images, K]: one row per image (several targets per instance)
@@ -201,6 +204,13 @@ def _parse_v2(request: ParsedRequest, body: dict, from_headers: dict, max_instan
         data = tensor["data"]
         if not isinstance(data, list):
             data = [data]
+        shape = tensor.get("shape")
+        if isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape) \
+                and _product(shape) != len(data):
+            raise BadRequest(f"input {name!r} declares shape {shape} ({_product(shape)} values) but holds "
+                             f"{len(data)}: make them agree")
+        if not data:
+            raise BadRequest(f"input {name!r} has no data")
         if tensor.get("datatype") == "BYTES" and images is None and (name in IMAGE_FIELDS or name.startswith("image")
                                                                      or name.startswith("input")):
             images = data

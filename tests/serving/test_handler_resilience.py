@@ -289,6 +289,44 @@ def test_an_option_given_twice_with_different_values_is_refused_naming_both_plac
     assert json.loads(out[5])["explanations"][0]["explanation"]["target"]["index"] == 285
 
 
+def test_an_error_in_one_image_of_a_kserve_request_names_that_image(served, coffee):
+    h, context, cache = served
+    image = base64.b64encode(coffee).decode()
+    json_headers = {"content-type": "application/json", "explain": "True"}
+    bodies = [{"instances": [{"image": image}, {"image": image, "target": 5000}]},
+              {"instances": [{"image": image}, {"image": base64.b64encode(b"hello").decode()}]}]
+    ctx = context([json_headers, json_headers])
+    out = h.handle([{"body": b} for b in bodies], ctx)
+    assert ctx.status == {0: 400, 1: 400}
+    first, second = (json.loads(o)["message"] for o in out)
+    assert first.startswith("image 2 of 2 (instances[1]): target 5000 is out of range"), first
+    assert second.startswith("image 2 of 2 (instances[1]): the data is not an image"), second
+
+
+def test_kserve_v2_tensors_whose_shape_and_data_disagree_are_refused(served, coffee):
+    h, context, cache = served
+    image = base64.b64encode(coffee).decode()
+    json_headers = {"content-type": "application/json", "explain": "True"}
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}
+    bodies = [{"inputs": [dict(tensor, shape=[3], data=[image, image])]},
+              {"inputs": [tensor, {"name": "target", "datatype": "INT64", "shape": [0], "data": []}]},
+              {"inputs": [tensor], "id": 42, "parameters": {"method": "gradient"}}]
+    ctx = context([json_headers] * 3)
+    out = h.handle([{"body": b} for b in bodies], ctx)
+    assert ctx.status == {0: 400, 1: 400}
+    assert "declares shape [3] (3 values) but holds 2" in json.loads(out[0])["message"]
+    assert "input 'target' has no data" in json.loads(out[1])["message"]
+    assert json.loads(out[2])["id"] == "42"
+
+
+def test_a_json_body_that_is_not_an_object_says_so(served):
+    h, context, cache = served
+    ctx = context([{"content-type": "application/json"}] * 3)
+    out = h.handle([{"body": 5}, {"body": None}, {"body": True}], ctx)
+    assert ctx.status == {0: 400, 1: 400, 2: 400}
+    assert [json.loads(o)["message"].rsplit(" ", 1)[-1] for o in out] == ["5", "null", "True"]
+
+
 def test_an_archive_names_classes_as_the_builtin_model_does(served, coffee):
     """The archive's spec reads the ImageNet names from its own labels.json: "crane" alone (the bird, renamed
     "crane bird" by torchvision, or the machine) stays ambiguous, and a label that differs from another only
