@@ -13,11 +13,12 @@ from handler.serving.responses import http_status
 
 
 def test_validation_types_checks_and_resolves_the_target_once(lite0_service):
-    [checked] = lite0_service.validate([{"target": "espresso", "sparsity": "0.5", "method": "gradient"}],
+    # pathway_gradient: sparsity applies to it (a method without a pathway records none, tested below)
+    [checked] = lite0_service.validate([{"target": "espresso", "sparsity": "0.5", "method": "pathway_gradient"}],
                                        explain=True)
     assert isinstance(checked.request, ValidRequest)
     assert checked.request.class_index == 967 and checked.request.sparsity == 0.5
-    assert checked.request.method == "gradient" and checked.request.reduce == "max_abs"
+    assert checked.request.method == "pathway_gradient" and checked.request.reduce == "max_abs"
 
 
 @pytest.mark.parametrize("raw", [{"sparsity": "1.5"}, {"sparsity": 1.5}])
