@@ -101,8 +101,11 @@ def resolved_options(options, request, specs: dict) -> dict:
               if f.name not in ("method_options", "visualization")}
     # the visualisation settings under the request option names that set them (``visualization`` is one)
     record.update({f.name: getattr(options.visualization, f.name) for f in fields(options.visualization)})
-    record.update(method=request.method, sparsity=request.sparsity, reduce=request.reduce,
-                  selection=request.selection)
+    # a method without a pathway uses no sparsity or selection (None): what was sent is kept, so that recomputing
+    # from the record gives the same request, and the same note saying they were not used
+    record.update(method=request.method, reduce=request.reduce,
+                  sparsity=request.sparsity if request.sparsity is not None else options.sparsity,
+                  selection=request.selection if request.selection is not None else options.selection)
     given = dict(request.options)
     record["method_options"] = {name: _plain(given.get(name, spec.default)) for name, spec in sorted(specs.items())}
     return record

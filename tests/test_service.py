@@ -207,13 +207,14 @@ def test_a_large_jpeg_is_explained_from_a_reduced_decode_and_documented_at_its_f
     assert full_decode.verify(document, phone_sized_coffee).differences[0] == "preprocessing"
 
 
-def test_pathway_options_sent_with_a_method_without_a_pathway_are_noted_not_recorded_as_used(lite0_service, photos):
+def test_pathway_options_sent_with_a_method_without_a_pathway_are_noted_as_unused(lite0_service, photos):
     [result] = lite0_service.explain_images([photos["coffee"]], method="gradient", sparsity=0.5, selection="random")
-    document = result.document
+    document = result.inline()
     assert document["explanation"]["notes"] == [
         "sparsity and selection apply to methods that follow a pathway; gradient follows none, so they were not used"]
-    recorded = document["provenance"]["options"]
-    assert recorded["sparsity"] is None and recorded["selection"] is None
+    assert lite0_service.validate([{"method": "gradient", "sparsity": 0.5}], explain=True)[0].request.sparsity is None
+    recorded = document["provenance"]["options"]  # as sent, so that the recomputation notes them the same way
+    assert recorded["sparsity"] == 0.5 and recorded["selection"] == "random"
     assert lite0_service.verify(document, photos["coffee"].read_bytes()).ok
     [plain] = lite0_service.explain_images([photos["coffee"]], method="gradient")
     assert plain.document["explanation"]["notes"] == [] and plain.attribution.tobytes() == result.attribution.tobytes()

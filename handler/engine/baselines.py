@@ -228,8 +228,27 @@ def smoothgrad(model, x, targets, *, samples: int = 50, noise: float = 0.15, see
 # ---------------------------------------------------------------------------
 
 
-def _is_spatial(site) -> bool:
-    return len(site.shape) == 3 and site.batch == PER_SAMPLE  # [C, H, W] per sample (a folded call's is [k, T, C])
+#: Largest ratio between the vertical and the horizontal downsampling of a [C, H, W] map relative to the input.
+SPATIAL_STRIDE_RATIO = 1.5
+
+
+def is_channels_first_map(shape, input_size) -> bool:
+    """Whether a per-sample ``shape`` of three dimensions reads as ``[C, H, W]`` over an input of ``input_size``
+    ``(H, W)``: a feature map downsamples both axes about alike and is no larger than the input.
+
+    Token and channels-last activations are three-dimensional too (ConvNeXt's and Swin's ``[H, W, C]`` MLP
+    activations, MaxViT's ``[windows, tokens, C]``), and read as ``[C, H, W]`` they give a map of stripes.
+    """
+    if len(shape) != 3 or min(shape) < 1:
+        return False
+    height, width = shape[1], shape[2]
+    stride_h, stride_w = input_size[0] / height, input_size[1] / width
+    return min(stride_h, stride_w) >= 1 and max(stride_h, stride_w) / min(stride_h, stride_w) <= SPATIAL_STRIDE_RATIO
+
+
+def _is_spatial(site, input_size) -> bool:
+    # [C, H, W] per sample (a folded call's is [k, T, C])
+    return site.batch == PER_SAMPLE and is_channels_first_map(site.shape, input_size)
 
 
 def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
@@ -241,12 +260,24 @@ def capture_layer(model, x: torch.Tensor, layer: str) -> tuple:
     activation site name (``layer4.1.relu#2``) for one call of a reused module.
     """
     if layer == "auto":
-        captured = CapturedOutput()
-        with instrument(model, capture_site_output(_is_spatial, captured), inputs=x):
+        # the last [C, H, W] map; a [C, 1, 1] one (a squeeze-excitation gate) only where no larger map exists
+        spread, pooled = CapturedOutput(), CapturedOutput()
+        size = tuple(x.shape[-2:])
+
+        def keep_maps(call):
+            out = call.run()
+            if _is_spatial(call.site, size):
+                into = spread if call.site.shape[1] * call.site.shape[2] > 1 else pooled
+                into.keep(out, f"activation site {call.site.name!r}")
+            return out
+
+        with instrument(model, keep_maps, inputs=x):
             logits = model(x)
+        captured = spread if spread.captured else pooled
         if not captured.captured:
-            raise InvalidOption("grad_cam found no activation with a [C, H, W] output in this model; "
-                                "name a convolutional layer with the 'layer' option")
+            raise InvalidOption("grad_cam found no activation with a [C, H, W] output in this model (a "
+                                "transformer's or a channels-last block's are [tokens, C] or [H, W, C]); name a "
+                                "layer whose output is [B, C, H, W] with the 'layer' option", code="invalid_layer")
         return captured, logits
     if layer in dict(model.named_modules()):
         try:
@@ -282,9 +313,10 @@ def grad_cam(model, x, targets, *, layer: str = "auto") -> Attribution:
     except UncapturableOutputError as err:
         raise InvalidOption(f"grad_cam: {err}; name another layer with the 'layer' option",
                             code="invalid_layer") from None
-    if activation.dim() != 4:
+    if activation.dim() != 4 or not is_channels_first_map(tuple(activation.shape[1:]), tuple(x.shape[-2:])):
         raise InvalidOption(f"grad_cam needs a [B, C, H, W] layer output; {captured.source} gives "
-                            f"{tuple(activation.shape)}", code="invalid_layer")
+                            f"{tuple(activation.shape)}" + (", which reads as [B, H, W, C] or tokens"
+                                                            if activation.dim() == 4 else ""), code="invalid_layer")
     resolved = resolve_targets(logits.detach(), targets)
     (grad,) = torch.autograd.grad(target_sum(logits, resolved), activation)
     channel_weights = grad.mean(dim=(2, 3), keepdim=True)

@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
-from handler.engine import METHODS, SELECTIONS, Explainer, InputNormalisation
+from handler.engine import METHODS, SELECTIONS, Explainer, InputNormalisation, explaining
 from handler.engine.baselines import gaussian_blur, integration_rule
 from handler.errors import InvalidOption
 from tiny_models import BatchSizeSpy, MixedActivationCNN, kaiming_resnet18
@@ -202,6 +203,44 @@ def test_grad_cam_refuses_a_layer_the_network_overwrites_in_place_and_captures_a
 def test_grad_cam_refuses_layers_it_cannot_use_with_a_clear_message(resnet18, layer, message):
     with pytest.raises(InvalidOption, match=message):
         METHODS.get("grad_cam")(resnet18, torch.randn(1, 3, 32, 32), torch.tensor([-1]), layer=layer)
+
+
+@pytest.mark.parametrize("architecture", ["convnext_tiny", "swin_t", "maxvit_t"])
+def test_grad_cam_never_reads_a_channels_last_or_token_activation_as_a_feature_map(architecture):
+    """ConvNeXt's and Swin's MLP activations are [H, W, C] per sample, MaxViT's [windows, tokens, C]: read as
+    [C, H, W] they drew stripes. Automatic choice passes over them (and over a squeeze-excitation's [C, 1, 1]
+    gate) to the last feature map, or refuses when there is none; a [B, C, H, W] module output works."""
+    from handler.engine.baselines import capture_layer
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, architecture)(weights=None).eval().requires_grad_(False)
+    x = torch.randn(1, 3, 224, 224)
+    if architecture == "maxvit_t":
+        with explaining(model):
+            captured, _ = capture_layer(model, x, "auto")
+        assert captured.source == "activation site 'blocks.3.layers.1.layers.MBconv.layers.conv_b.2'"
+        assert captured.tensor.shape == (1, 2048, 7, 7)
+        return
+    with explaining(model), pytest.raises(InvalidOption) as info:
+        METHODS.get("grad_cam")(model, x, torch.tensor([-1]))
+    assert info.value.code == "invalid_layer" and "no activation with a [C, H, W] output" in str(info.value)
+    if architecture == "convnext_tiny":
+        with explaining(model):
+            maps = METHODS.get("grad_cam")(model, x, torch.tensor([-1]), layer="features.7").maps
+            assert maps.shape == (1, 1, 224, 224)
+            with pytest.raises(InvalidOption, match="reads as \\[B, H, W, C\\] or tokens"):
+                METHODS.get("grad_cam")(model, x, torch.tensor([-1]), layer="features.7.2.block.4")
+
+
+@pytest.mark.parametrize("shape, reads", [
+    ((512, 7, 7), True), ((2048, 10, 10), True), ((64, 56, 56), True), ((768, 7, 14), False),
+    ((7, 7, 768), False), ((56, 56, 96), False), ((28, 28, 192), False), ((1, 49, 2048), False),
+])
+def test_a_feature_map_is_told_from_a_channels_last_activation_by_its_strides(shape, reads):
+    from handler.engine.baselines import is_channels_first_map
+
+    assert is_channels_first_map(shape, (224, 224)) is reads
+    assert is_channels_first_map((768, 7, 10), (224, 320))  # a wide photo downsamples both axes alike
 
 
 # -- guided backprop ----------------------------------------------------------
