@@ -26,9 +26,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..engine import DEFAULT_PASS_BATCH, DEFAULTS, Explainer, InputNormalisation, resolve_pass_batch
+from ..engine import DEFAULT_PASS_BATCH, DEFAULTS, METHODS, REDUCTIONS, Explainer, InputNormalisation, check_sparsity, \
+    resolve_pass_batch
 from ..engine.explainer import NotAClassifier, classifier_logits
-from ..errors import UnknownModel
+from ..errors import ExplainError, UnknownModel
 from ..provenance import state_dict_sha256
 from .preparation import UNPREPARED, FrozenPredictor, Preparation, PreparationError, PreparationReport, \
     example_input, frozen_predictor, prepare_model
@@ -63,6 +64,34 @@ class Preprocessing:
         return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
                 "mean": list(self.mean), "std": list(self.std), "jpeg_draft": self.jpeg_draft}
 
+    def check(self) -> None:
+        """:class:`ModelLoadError` naming the first field that no image could be preprocessed with."""
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelLoadError(f"preprocessing.{name} must be a positive whole number of pixels, "
+                                     f"not {value!r}")
+        if self.crop > self.resize:
+            raise ModelLoadError(f"preprocessing.crop ({self.crop}) must be at most preprocessing.resize "
+                                 f"({self.resize}): the crop is taken from the resized image")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ModelLoadError(f"preprocessing.interpolation must be one of {', '.join(INTERPOLATIONS)}, not "
+                                 f"{self.interpolation!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise ModelLoadError(f"preprocessing.{name} must be a list of 3 numbers (red, green, blue), not "
+                                     f"{list(value) if isinstance(value, tuple) else value!r}")
+        if any(v <= 0 for v in self.std):
+            raise ModelLoadError(f"preprocessing.std must be positive, not {list(self.std)}")
+        if not isinstance(self.jpeg_draft, bool):
+            raise ModelLoadError(f"preprocessing.jpeg_draft must be true or false, not {self.jpeg_draft!r}")
+
+
+#: The resampling filters a spec's ``preprocessing.interpolation`` may name (torchvision's).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
 
 @dataclass(frozen=True)
 class Weights:
@@ -75,6 +104,10 @@ class Weights:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+#: What a spec's ``defaults`` may set (what :func:`explainer_for` reads).
+DEFAULT_FIELDS = ("method", "sparsity", "reduce")
 
 
 def default_settings(sparsity: Optional[float] = None) -> dict:
@@ -101,6 +134,10 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: Union[str, Path, None] = None) -> "ModelSpec":
+        """A spec from its JSON form; :class:`ModelLoadError` names the first field that is wrong, so a spec
+        no image could be served with fails here, before anything is built from it."""
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"a model spec is a JSON object of fields, not {type(data).__name__}")
         data = dict(data)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"$schema"}
         if unknown:
@@ -108,21 +145,40 @@ class ModelSpec:
         for required in ("name", "architecture"):
             if not data.get(required):
                 raise ModelLoadError(f"model spec needs a {required!r}")
+            if not isinstance(data[required], str):
+                raise ModelLoadError(f"model spec: {required} must be a string, not {data[required]!r}")
+        num_classes = data.get("num_classes")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ModelLoadError(f"model spec: num_classes must be a positive whole number, not {num_classes!r}")
         data.pop("$schema", None)
         weights = data.pop("weights", None) or {}
         prep = data.pop("preprocessing", None) or {}
+        for name, value in (("weights", weights), ("preprocessing", prep), ("defaults", data.get("defaults") or {})):
+            if not isinstance(value, dict):
+                raise ModelLoadError(f"model spec: {name} must be an object of fields, not {value!r}")
         base = published_preprocessing(data["architecture"]) or Preprocessing()
         try:
             weights = Weights(**weights)
             prep = dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()})
         except TypeError as err:
             raise ModelLoadError(f"model spec: {err}") from None
-        if not isinstance(prep.jpeg_draft, bool):
-            raise ModelLoadError(f"preprocessing.jpeg_draft must be true or false, not {prep.jpeg_draft!r}")
+        prep.check()
         if weights.match not in ("name", "order"):
             raise ModelLoadError(f"weights.match must be 'name' or 'order', not {weights.match!r}")
         defaults = default_settings()
-        defaults.update(data.pop("defaults", None) or {})
+        given_defaults = data.pop("defaults", None) or {}
+        unknown = set(given_defaults) - set(DEFAULT_FIELDS)
+        if unknown:
+            raise ModelLoadError(f"model spec: unknown defaults {', '.join(sorted(unknown))}; defaults are "
+                                 f"{', '.join(DEFAULT_FIELDS)}")
+        defaults.update(given_defaults)
+        try:
+            check_sparsity(defaults["sparsity"])
+            METHODS.get(defaults["method"])
+            REDUCTIONS.get(defaults["reduce"])
+        except ExplainError as err:
+            raise ModelLoadError(f"model spec: defaults: {err}") from None
         try:
             preparation = Preparation.from_value(data.pop("prepare", None))
         except (PreparationError, TypeError) as err:
@@ -262,11 +318,20 @@ def read_labels_file(path: Union[str, Path]) -> list:
     """Class names from a text file (one per line) or JSON (a list, or TorchServe's ``index_to_name.json``)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelLoadError(f"labels file not found: {path}") from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"labels file {path} is a directory; give the file of class names") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"labels file {path} is not UTF-8 text (one class name per line, or JSON)") from None
+    except OSError as err:
+        raise ModelLoadError(f"cannot read labels file {path}: {err.strerror or err}") from None
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ModelLoadError(f"labels file {path} is not valid JSON: {err}") from None
         if isinstance(data, list):
             return [str(x) for x in data]
         if isinstance(data, dict):
@@ -385,14 +450,29 @@ def read_state_dict(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelLoadError(f"weights file not found: {path}") from None
-    except Exception as err:  # unpickling refused, corrupt file, ...
-        raise ModelLoadError(f"cannot read weights {path} as a state dict (weights_only=True): {err}") from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"weights file {path} is a directory; give the state dict's file") from None
+    except Exception as err:  # noqa: BLE001 - unpickling refused, corrupt file, ...: torch's text is many lines
+        raise ModelLoadError(f"cannot read {path} as a state dict of tensors (it is loaded with weights_only=True; "
+                             f"save model.state_dict(), not the model): {_first_line(err)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path} does not hold a state dict of tensors")
     return state
+
+
+def _first_line(err: BaseException) -> str:
+    """What a failed ``torch.load`` found, in one line: the unpickler's own finding (``Unsupported global: GLOBAL
+    torch.nn.modules.linear.Linear``) without the paragraphs of advice around it, some of it unsafe."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+        text = text.split(" was not an allowed global")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 160 else text[:159] + "…"
 
 
 def apply_state_dict(model: nn.Module, state: dict, match: str, labels: Optional[list] = None) -> None:

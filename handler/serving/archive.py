@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from typing import Optional, Sequence
 
 from ..models import ModelLoadError, ModelSpec, Weights, get_spec, load_labels, published_preprocessing, \
     spec_for_architecture, weights_path
+from ..errors import ExplainError
 from ..provenance import REVISION_FILE, source_revision
 from .handler import SPEC_FILE
 from .metrics import ARCHIVE_NAME as METRICS_FILE
@@ -129,6 +131,11 @@ def stage_archive(spec: ModelSpec, stage: Path, worker_config: dict, pathway_con
             "config": stage / "model-config.yaml"}
 
 
+#: TorchServe's model names (the archive's file name and the URL path segment of /predictions/<name>).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MODEL_NAME_RULE = "a model name is letters, digits, '_', '-' and '.', starting with a letter or digit"
+
+
 def build_archive(
     spec: ModelSpec,
     out_dir: Path = DEFAULT_STORE,
@@ -181,12 +188,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--response-timeout", type=int, default=DEFAULT_WORKER_CONFIG["responseTimeout"], help="s")
     p.add_argument("--sparsity", type=float, help="default sparsity for this model's explanations")
     args = p.parse_args(argv)
+    def fail(message: str) -> None:
+        print(f"pathway-archive: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
+                               ("--max-batch-delay", args.max_batch_delay, 0),
+                               ("--response-timeout", args.response_timeout, 1)):
+        if value < least:
+            fail(f"{flag} must be at least {least}, not {value}")
+    if args.name is not None and not MODEL_NAME.fullmatch(args.name):
+        fail(f"--name {args.name!r}: {MODEL_NAME_RULE}")
+    if args.out.exists() and not args.out.is_dir():
+        fail(f"--out {args.out} is a file; give the model store's directory")
     try:
         if args.arch:
             if args.model:
-                p.error("give either --model or --arch")
+                fail("give either --model or --arch")
             if args.weights and not Path(args.weights).is_file():
-                p.error(f"weights file not found: {args.weights}")
+                fail(f"weights file not found: {args.weights}")
             spec = spec_for_architecture(args.arch, weights=args.weights, labels=args.labels or "imagenet",
                                          name=args.name, sparsity=args.sparsity)
             prep = spec.preprocessing
@@ -201,6 +221,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 spec = spec.replace(name=args.name)
             if args.sparsity is not None:
                 spec = spec.replace(defaults=dict(spec.defaults, sparsity=args.sparsity))
+        # the archive's spec is checked as a worker will read it (a --sparsity of 1 would fail every load)
+        spec = ModelSpec.from_dict(spec.to_dict(), base_dir=spec.base_dir)
+        if not MODEL_NAME.fullmatch(spec.name):
+            raise ModelLoadError(f"the model spec's name {spec.name!r}: {MODEL_NAME_RULE}")
         worker = {"minWorkers": args.workers, "maxWorkers": args.workers, "batchSize": args.batch_size,
                   "maxBatchDelay": args.max_batch_delay, "responseTimeout": args.response_timeout}
         # Load once here, so a broken spec fails now rather than in a worker.
@@ -208,9 +232,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         load_model(spec)
         mar = build_archive(spec, args.out, worker_config=worker)
-    except (ModelLoadError, RuntimeError, ValueError) as err:
-        print(f"pathway-archive: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (ModelLoadError, RuntimeError, ValueError, ExplainError) as err:
+        fail(str(err))
+    except OSError as err:
+        print(f"pathway-archive: error: cannot write the archive to {args.out}: {err.strerror or err}",
+              file=sys.stderr)
+        sys.exit(1)
     print(mar)
 
 

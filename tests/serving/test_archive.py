@@ -25,3 +25,30 @@ def test_an_archive_built_from_an_architecture_states_and_says_its_preprocessing
     with zipfile.ZipFile(tmp_path / "mine.mar") as mar:
         spec = json.loads(mar.read("model_spec.json"))
     assert spec["preprocessing"]["mean"] == pytest.approx(mean)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--sparsity", "1"], "pathway-archive: error: model spec: defaults: sparsity must be in [0, 1), got 1.0"),
+    (["--name", "../evil"], "--name '../evil': a model name is letters, digits"),
+    (["--name", "a b"], "--name 'a b': a model name is letters, digits"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--workers", "0"], "--workers must be at least 1, not 0"),
+    (["--max-batch-delay", "-5"], "--max-batch-delay must be at least 0, not -5"),
+    (["--response-timeout", "-1"], "--response-timeout must be at least 1, not -1"),
+])
+def test_an_archive_no_worker_could_load_is_refused_in_one_line_before_anything_is_built(tmp_path, capsys, argv,
+                                                                                      says):
+    with pytest.raises(SystemExit) as exit_:
+        archive.main(["--model", "synthetic_digits_cnn", "--out", str(tmp_path), *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_archive_is_not_written_over_a_file(tmp_path, capsys):
+    target = tmp_path / "store"
+    target.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_:
+        archive.main(["--model", "synthetic_digits_cnn", "--out", str(target)])
+    assert exit_.value.code == 2 and "is a file; give the model store's directory" in capsys.readouterr().err
