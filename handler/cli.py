@@ -289,11 +289,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 document["explanation"] = bodies[0]
             document["source"] = str(path)
+            files[f"{stem}.{OUTPUT_SUFFIXES['document']}"] = (json.dumps(document, indent=2) + "\n").encode()
             try:
                 for name, data in files.items():
                     (args.out / name).write_bytes(data)
-                (args.out / f"{stem}.{OUTPUT_SUFFIXES['document']}").write_text(json.dumps(document, indent=2) + "\n")
             except OSError as err:
+                for name in files:  # an image that fails leaves no files: none half-written, none of this run
+                    (args.out / name).unlink(missing_ok=True)
                 print(f"{PROG}: error: {path}: cannot write its outputs: {err.strerror or err}", file=sys.stderr)
                 failures += 1
                 continue

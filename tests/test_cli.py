@@ -190,3 +190,24 @@ def test_rerun_into_the_same_out_leaves_no_file_of_the_earlier_run(tmp_path, pho
     broken.write_text("not a picture any more")
     assert run(["--out", str(out), "--method", "gradient", str(broken)]) == 1
     assert list(out.iterdir()) == []
+
+
+def test_an_image_whose_outputs_cannot_all_be_written_leaves_no_file(tmp_path, photos, capsys, monkeypatch):
+    """A full disk while writing the overlay: what was written of that image (its heatmap, the half overlay) is
+    removed, as the README promises, and the other image is written whole."""
+    import errno
+    from pathlib import Path
+
+    write_bytes = Path.write_bytes
+
+    def disk_full_at_coffees_overlay(self, data):
+        if self.name == "coffee.overlay.png":
+            write_bytes(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_at_coffees_overlay)
+    code = run(["--out", str(tmp_path), "--method", "gradient", str(photos["coffee"]), str(photos["chelsea"])])
+    assert code == 1
+    assert "coffee.png: cannot write its outputs: No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chelsea.heatmap.png", "chelsea.json", "chelsea.overlay.png"]
