@@ -391,7 +391,7 @@ class ExplanationService:
         if self.predictor is None:
             return self.explainer.predict(x)
         with torch.inference_mode():
-            return self.predictor(x.to(self.device)).float().softmax(dim=1)
+            return self.predictor(x.to(self.device)).double().softmax(dim=1)
 
     def _explain(self, images: Sequence[Image.Image], options: Sequence[Validated], attribution_dtype) -> list:
         started = time.perf_counter()

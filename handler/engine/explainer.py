@@ -25,7 +25,8 @@ from .normalisation import InputNormalisation
 from .options import check_sparsity, is_positive_int
 from .pathways import SELECTIONS, pathway_notes, pathway_zero_note
 from .reduce import REDUCTIONS, ZERO_MAP_EPS, normalise
-from .sites import NoActivationSitesError, instrument, last_activation_call, out_of_place_transform
+from .sites import NoActivationSitesError, forget_last_activation_call, instrument, last_activation_call, \
+    out_of_place_transform
 from .targets import ClassNames, Target
 
 
@@ -33,12 +34,18 @@ from .targets import ClassNames, Target
 class EngineFailure(UnsupportedModel, RuntimeError):
     """The model raised under the engine's instrumented passes: which method, at which activation call, and why."""
 
-    def __init__(self, method: str, cause: BaseException):
+    def __init__(self, method: str, cause: BaseException, inputs: Optional[torch.Tensor] = None):
         where = last_activation_call()
         text = str(cause).strip().splitlines()
-        super().__init__(
-            f"{method} cannot explain this model: {type(cause).__name__}"
-            + (f" after {where}" if where else "") + (f": {text[0]}" if text else ""))
+        if where is not None:
+            place = f" after {where}"
+        elif inputs is not None:  # the model refused its input before any activation: most often the input's fault
+            place = (f" before its first activation call, on the input of shape {list(inputs.shape)} and dtype "
+                     f"{str(inputs.dtype).replace('torch.', '')}")
+        else:
+            place = ""
+        super().__init__(f"{method} cannot explain this model: {type(cause).__name__}{place}"
+                         + (f": {text[0]}" if text else ""))
 
 
 class InPlaceSideEffect(UnsupportedModel, RuntimeError):
@@ -291,9 +298,11 @@ class Explainer:
     # -- inference ----------------------------------------------------------
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities ``[B, K]`` of the full network (no gradients), in eval mode."""
+        """Softmax probabilities ``[B, K]`` of the full network (no gradients), in eval mode; in float64, so that
+        logits that differ keep different probabilities and the most probable class is the logits' argmax (the
+        class an explanation of the predicted class explains)."""
         with evaluating(self.model), torch.inference_mode():
-            return classifier_logits(self.model(x.to(self.device)), x.shape[0]).float().softmax(dim=1)
+            return classifier_logits(self.model(x.to(self.device)), x.shape[0]).double().softmax(dim=1)
 
     def explain(
         self,
@@ -331,6 +340,9 @@ class Explainer:
         if x.dim() != 4 or x.shape[0] != len(requests):
             raise ValueError(f"expected a [B, C, H, W] batch with one request per sample, got {tuple(x.shape)} "
                              f"and {len(requests)} requests")
+        if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+            raise ValueError(f"expected a batch of finite floating-point values, got {str(x.dtype)[6:]}"
+                             + ("" if not x.is_floating_point() else " with NaN or infinite values"))
         requests = [r if isinstance(r, ValidRequest) else self.validate(r) for r in requests]
         resolved = [r.class_index for r in requests]
         groups: dict = {}
@@ -352,7 +364,7 @@ class Explainer:
 
         With ``pass_batch``, every pass has that shape (padded with zero images), smaller only after a pass
         of it ran out of memory (the planner's ceiling)."""
-        with _typed_model_failures(method_name):
+        with _typed_model_failures(method_name, x):
             if not self._checked:
                 with explaining(self.model):
                     self._check_instrumentation(x[:1])
@@ -404,15 +416,15 @@ class Explainer:
             selection_options = {k: v for k, v in options.items() if k not in method.options}
             kwargs.update(sparsity=[r.sparsity for r in requests], selection=selection,
                           selection_options=selection_options)
-        with _typed_model_failures(method_name), explaining(self.model):
+        with _typed_model_failures(method_name, x), explaining(self.model):
             attribution: Attribution = method(self.model, x.detach().clone(), targets, **kwargs)
         return self._package(attribution, method_name, requests)
 
     def _package(self, attribution: Attribution, method: str, requests) -> list:
-        probs = attribution.logits.float().softmax(dim=1)
+        probs = attribution.logits.double().softmax(dim=1)
         pathway_probs = None
         if attribution.pathway_logits is not None:
-            pathway_probs = attribution.pathway_logits.float().softmax(dim=1).gather(
+            pathway_probs = attribution.pathway_logits.double().softmax(dim=1).gather(
                 1, attribution.targets[:, None]).squeeze(1).cpu().tolist()
         maps, scales = {}, {}
         for name in {r.reduce for r in requests}:
@@ -454,7 +466,8 @@ class Explainer:
             with instrument(self.model, out_of_place_transform, inputs=x) as recorder:
                 traced = self.model(x)
             self._neurons.setdefault(tuple(x.shape[1:]), _neurons_in(recorder))
-        if not torch.allclose(plain, traced, rtol=1e-5, atol=1e-5):
+        # NaN in, NaN out is no sign of an in-place side effect
+        if not torch.allclose(plain, traced, rtol=1e-5, atol=1e-5, equal_nan=True):
             raise InPlaceSideEffect(
                 "instrumenting this model's activations changes its output; it probably relies on an "
                 "in-place activation's side effect without using the activation's return value")
@@ -462,15 +475,17 @@ class Explainer:
 
 
 @contextlib.contextmanager
-def _typed_model_failures(method: str) -> Iterator[None]:
+def _typed_model_failures(method: str, inputs: Optional[torch.Tensor] = None) -> Iterator[None]:
     """The model raising under the engine's passes (its checks included) is :class:`EngineFailure`, which names
-    where; request errors and running out of memory pass as they are."""
+    where (the activation call, or the input when it failed before any); request errors and running out of
+    memory pass as they are."""
+    forget_last_activation_call()
     try:
         yield
     except (ExplainError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as err:  # noqa: BLE001 - the model failed under the engine's passes: say where, typed
-        raise EngineFailure(method, err) from err
+        raise EngineFailure(method, err, inputs) from err
 
 
 def _neurons_in(recorder) -> int:

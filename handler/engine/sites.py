@@ -70,6 +70,12 @@ def last_activation_call() -> Optional[str]:
     return _LAST_CALL.where
 
 
+def forget_last_activation_call() -> None:
+    """Start a new block of passes: :func:`last_activation_call` then names only calls made from here on (a
+    failure before any is not blamed on a site of an earlier pass)."""
+    _LAST_CALL.where = None
+
+
 #: How a call's leading dimension relates to the batch (see :func:`survey_sites`).
 PER_SAMPLE, BATCH_FOLDED, BATCH_SHARED = "per_sample", "batch_folded", "batch_shared"
 
