@@ -119,8 +119,9 @@ def raw_options(record: dict) -> dict:
     return raw
 
 
-#: Fields of a document that the digest comparison covers, or that record how rather than what.
-_NOT_CONTENT = ("provenance",)
+#: Top-level fields of a document that record how or from where rather than what: the record itself (checked
+#: field by field above the content), and the CLI's path of the image it read.
+_NOT_CONTENT = ("provenance", "source")
 
 
 def document_differences(given, recomputed, path: str = "") -> list:
