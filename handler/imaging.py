@@ -153,7 +153,10 @@ def open_image(source, limits: Optional[ImageLimits] = None, least_side: Optiona
         return source.convert("RGB")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), limits, least_side)
-    return decode_image(Path(source).read_bytes(), limits, least_side)
+    data = Path(source).read_bytes()
+    if not data:  # a file, not a request body: say so in a file's terms
+        raise InvalidImage("the file is empty", code="empty_image")
+    return decode_image(data, limits, least_side)
 
 
 def accepted_formats(limits: ImageLimits) -> str:

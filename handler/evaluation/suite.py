@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..engine import SELECTIONS, Explainer
-from ..errors import InvalidOption
+from ..errors import ExplainError, InvalidOption
 from ..imaging import Preprocessor, open_image
 from ..models import LoadedModel, explainer_for
 from .localisation import localisation, tolerance_for
@@ -55,7 +55,13 @@ class ImageSet:
 
 def photo_set(paths: Sequence[Union[str, Path]], preprocessor: Preprocessor) -> ImageSet:
     """Image files, decoded with the server's checks and preprocessed as the model spec says."""
-    images = [open_image(p, least_side=preprocessor.least_decoded_side) for p in paths]
+    images = []
+    for path in paths:
+        try:
+            images.append(open_image(path, least_side=preprocessor.least_decoded_side))
+        except ExplainError as err:  # which of the files, as the CLI says it
+            err.args = (f"{path}: {err}",)
+            raise
     x = preprocessor.batch(images)
     return ImageSet([Path(p).stem for p in paths], x, _display(x, preprocessor.prep), source="images")
 
@@ -191,6 +197,7 @@ def evaluate(
 
     if "randomisation" in config.protocols and variants:
         stages = cascade_stages(loaded.module, x)
+        cascade_length = len(stages)
         if config.stages is not None:
             stages = stages[:config.stages]
         progress = Progress("randomisation (stage x method)", len(stages) * len(variants), enabled=show_progress)
@@ -198,7 +205,8 @@ def evaluate(
             loaded.module, x, [maps[v.label] for v in variants], make_explainer=make_explainer, stages=stages,
             sparsity=sparsity, reduce=reduce, batch_size=config.batch_size, seed=config.seed, progress=progress)
         for label, cascade in cascades.items():
-            record["methods"][label]["randomisation"] = cascade.summary()
+            # how many stages the whole cascade has: a run stopped early (--stages) is not "fully randomised"
+            record["methods"][label]["randomisation"] = dict(cascade.summary(), cascade_stages=cascade_length)
 
     if "pathway_overlap" in config.protocols:
         selections = config.overlap_selections or default_overlap_selections()

@@ -63,8 +63,11 @@ def randomisation_milestones(record: dict) -> Optional[str]:
         sa, s, ss, h = r["spearman_abs"]["mean"], r["spearman"]["mean"], r["ssim"]["mean"], r["hog"]["mean"]
         rows.append([f"`{label}`", fmt(sa[first], 2), fmt(sa[mid], 2), fmt(sa[last], 2), fmt(s[last], 2),
                      fmt(ss[last], 2), fmt(h[last], 2)])
+    total = entries[0][1].get("cascade_stages", len(stages))
+    last_label = "fully" if len(stages) >= total else f"after `{stages[last]}` (stage {len(stages)} of {total})"
     header = ["method", f"Spearman abs after `{stages[first]}`", f"... after `{stages[mid]}` (mid)",
-              "... fully randomised", "Spearman signed, fully", "SSIM, fully", "HOG, fully"]
+              "... fully randomised" if len(stages) >= total else f"... {last_label}",
+              f"Spearman signed, {last_label}", f"SSIM, {last_label}", f"HOG, {last_label}"]
     return table(header, rows)
 
 

@@ -99,3 +99,18 @@ def test_list_names_the_protocols_and_variants(capsys):
     for word in ("lerf_morf", "insertion_deletion", "randomisation", "pointing_game", "pathway_overlap",
                  "pathway_gradient@contribution", "gradient"):
         assert word in out
+
+
+def test_an_image_that_cannot_be_read_is_named_in_one_line(tmp_path, capsys):
+    from handler.samples import sample_photo
+
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(sample_photo("coffee").read_bytes()[:5000])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for bad, says in ((truncated, "truncated or corrupt"), (empty, "the file is empty")):
+        code = run([str(sample_photo("chelsea")), str(bad), "--method", "gradient", "--out", str(tmp_path / "o"),
+                    "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"pathway-eval: error: {bad}: ") and says in err, err
+        assert len(err.strip().splitlines()) == 1
