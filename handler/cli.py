@@ -31,7 +31,7 @@ import numpy as np
 
 from .commands import parse_device, run_main
 from .engine import METHODS, REDUCTIONS, SELECTIONS
-from .errors import ExplainError, UsageError
+from .errors import ExplainError, InvalidOption, UsageError
 from .imaging import COLORMAPS, OVERLAY_TYPES, POLARITIES, VISUALIZATION_OPTIONS
 from .models import ModelLoadError, builtin_names, get_spec, label_aliases, load_labels, spec_for_architecture
 from .schema import Limits, parse_options, path_outputs
@@ -251,6 +251,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{PROG}: error: {path}: cannot read: {err.strerror}", file=sys.stderr)
             failures += 1
             continue
+        if not data:
+            print(f"{PROG}: error: {path}: the file is empty", file=sys.stderr)
+            failures += 1
+            continue
         try:
             decoded.append((path, stem, service.decode(data)))
         except ExplainError as err:
@@ -272,6 +276,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as err:  # noqa: BLE001 - one line per image, never a traceback
             results = [err] * len(chunk)
         for (path, stem, _), result in zip(chunk, results):
+            if isinstance(result, InvalidOption):  # found only while running (Grad-CAM's layer): every image's
+                print(f"{PROG}: error: {result}", file=sys.stderr)
+                return 2
             if isinstance(result, BaseException):
                 print(f"{PROG}: error: {path}: {_one_line(result)}", file=sys.stderr)
                 failures += 1

@@ -211,3 +211,17 @@ def test_an_image_whose_outputs_cannot_all_be_written_leaves_no_file(tmp_path, p
     assert code == 1
     assert "coffee.png: cannot write its outputs: No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chelsea.heatmap.png", "chelsea.json", "chelsea.overlay.png"]
+
+
+def test_a_layer_grad_cam_cannot_use_is_a_bad_option_exit_2_said_once(tmp_path, photos, capsys):
+    code = run(["--out", str(tmp_path), "--method", "grad_cam", "--option", "layer=no.such.layer",
+                str(photos["coffee"]), str(photos["chelsea"])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("no.such.layer") == 1 and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_empty_file_is_said_in_a_files_terms(tmp_path, photos, capsys):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert run(["--out", str(tmp_path / "out"), "--method", "gradient", str(empty), str(photos["coffee"])]) == 1
+    assert f"pathway-explain: error: {empty}: the file is empty" in capsys.readouterr().err
