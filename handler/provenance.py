@@ -148,7 +148,8 @@ def document_differences(given, recomputed, path: str = "") -> list:
                 out.extend(document_differences(given[key], recomputed[key], where))
         return out
     if isinstance(given, list) and isinstance(recomputed, list) and len(given) == len(recomputed):
-        return [d for i, (a, b) in enumerate(zip(given, recomputed)) for d in document_differences(a, b, f"{path}[{i}]")]
+        return [difference for i, (a, b) in enumerate(zip(given, recomputed))
+                for difference in document_differences(a, b, f"{path}[{i}]")]
     return [] if given == recomputed else [f"{path} ({_brief(given)} instead of {_brief(recomputed)})"]
 
 
@@ -164,7 +165,8 @@ def _same_output(given: Mapping, recomputed: Mapping) -> bool:
         if given.get("media_type") != recomputed.get("media_type"):
             return False
         if recomputed.get("media_type") == "image/png":
-            return np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(Image.open(io.BytesIO(expected))))
+            return np.array_equal(np.asarray(Image.open(io.BytesIO(data))),
+                                  np.asarray(Image.open(io.BytesIO(expected))))
         shown, produced = np.load(io.BytesIO(data)), np.load(io.BytesIO(expected))
         return shown.shape == produced.shape and np.array_equal(shown, produced.astype(shown.dtype))
     except Exception:  # noqa: BLE001 - an unreadable payload is a difference, whatever the decoder says

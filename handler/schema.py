@@ -161,10 +161,39 @@ def combine_options(*sources: tuple) -> dict:
 
 
 def _same_value(a: Any, b: Any) -> bool:
-    """Equal as sent: ``281`` in JSON and ``"281"`` in a header are the same value."""
-    a, b = _text(a), _text(b)
-    return a == b or (not isinstance(a, (list, tuple, dict)) and not isinstance(b, (list, tuple, dict))
-                      and str(a) == str(b))
+    """Equal as sent, whatever the place's spelling: ``281`` in JSON and ``"281"`` in a header, ``true`` and
+    ``"TRUE"``, ``0.5`` and ``".50"``, a JSON list and the same items separated by commas."""
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(value: Any) -> Any:
+    """One spelling of an option value for :func:`_same_value`: booleans as bool, numbers as float, lists (JSON,
+    or text separated by commas) as tuples of such values, one item as itself; other text as it is."""
+    value = _text(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                return text
+        elif "," in text:
+            value = text.split(",")
+        elif text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        else:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        items = tuple(_canonical(item) for item in value)
+        return items[0] if len(items) == 1 else items
+    return value
 
 
 def _text(value: Any) -> Any:

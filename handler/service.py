@@ -558,10 +558,11 @@ class ExplanationService:
             found.append(("preprocessing", "preprocessing: the document's differs from this model's"))
         options = record["options"]
         for shown in shown_bodies:
+            # the pathway's selection is shown as the strategy ran it ("contribution_signed" for contribution with
+            # signed=true), not as the option: the content comparison below checks it against the recomputation
             pathway = shown.get("pathway") if isinstance(shown.get("pathway"), Mapping) else {}
             for name, value in (("method", shown.get("method")), ("reduce", shown.get("reduce")),
-                                ("sparsity", pathway.get("requested_sparsity")),
-                                ("selection", pathway.get("selection"))):
+                                ("sparsity", pathway.get("requested_sparsity"))):
                 if value is not None and value != options.get(name):
                     found.append(("options", f"options: the explanation shows {name} {value!r}, its provenance "
                                              f"records {options.get(name)!r}"))

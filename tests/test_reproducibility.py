@@ -143,6 +143,15 @@ def test_verify_accepts_the_document_for_its_image_and_names_what_differs_otherw
     assert lite0_service.verify({"model": "x"}, coffee).differences == ("document",)
 
 
+def test_verify_accepts_a_signed_contribution_pathway_whose_summary_names_the_signed_selection(lite0_service, coffee):
+    [result] = lite0_service.explain_images([coffee], signed="true", sparsity=0.9, target="tabby")
+    document = json.loads(json.dumps(result.inline()))
+    assert document["explanation"]["pathway"]["selection"] == "contribution_signed"
+    assert lite0_service.verify(document, coffee).ok
+    document["explanation"]["pathway"]["selection"] = "random"
+    assert lite0_service.verify(document, coffee).differences == ("content",)
+
+
 def _flip_base64(output: dict, at: float = 1.0) -> None:
     """Flip one bit of an inline output, at a fraction ``at`` of its length (1: its last byte)."""
     raw = bytearray(base64.b64decode(output["data"]))

@@ -61,6 +61,27 @@ def test_targets_as_a_json_list_in_text_read_like_the_json_list():
         parse_options({"targets": "[967, cup"})
 
 
+@pytest.mark.parametrize("header, body", [
+    ("true", True), ("TRUE", "true"), ("heatmap,pathway", ["heatmap", "pathway"]),
+    ("heatmap, pathway", "heatmap,pathway"), ("967,968", [967, 968]), ("[967, 968]", [967, 968]), ("3", 3.0),
+    ("0.50", 0.5), (".5", "0.5"), ("heatmap", ["heatmap"]),
+])
+def test_one_value_spelt_two_ways_in_two_places_is_one_value(header, body):
+    from handler.schema import combine_options
+
+    combined = combine_options(("headers", {"x-explain-value": header}), ("the JSON body", {"value": body}))
+    assert combined == {"x-explain-value": header}
+
+
+@pytest.mark.parametrize("header, body", [("0.5", 0.6), ("espresso", 967), ("a,b", "b,a"), ("true", "false")])
+def test_two_values_in_two_places_are_refused_naming_both(header, body):
+    from handler.schema import combine_options
+
+    with pytest.raises(InvalidOption) as info:
+        combine_options(("headers", {"x-explain-value": header}), ("the JSON body", {"value": body}))
+    assert info.value.code == "conflicting_options" and "(headers)" in str(info.value)
+
+
 def test_server_caps_apply():
     limits = Limits(max_top_k=10, allowed_methods=("pathway_gradient",))
     with pytest.raises(InvalidOption, match="between 1 and 10"):

@@ -79,7 +79,8 @@ GATE_MAX = 100.0
     # about eight plain passes (benchmarks/speed/README.md), hence its weight in the pass budget.
     "iterations": OptionSpec(int, 100, minimum=1, maximum=1000, help="SGD steps on the gates (authors: up to 1000)",
                              passes=8, server_cap=120),
-    "init": OptionSpec(str, "ones", choices=("ones", "random"), help="gate initialisation: ones, or random (uniform in [0, 1))"),
+    "init": OptionSpec(str, "ones", choices=("ones", "random"),
+                       help="gate initialisation: ones, or random (uniform in [0, 1))"),
     "seed": SEED,
 })
 def select_by_pruning_gates(model, x, targets, sparsity, *, iterations: int = 100, init: str = "ones",
