@@ -86,7 +86,9 @@ DEFAULT_PATHWAY_CONFIG = {
         "max_targets_per_request": 10,
     },
 }
-REQUIREMENTS = ["torch", "torchvision", "timm", "numpy", "pillow"]
+#: What the worker's Python must provide for the code the archive carries: the project's own runtime dependencies
+#: (pyproject.toml's ``dependencies``, checked by a test), less the weights package (the archive carries the weights).
+REQUIREMENTS = ["torch", "torchvision", "timm", "numpy", "pillow", "cmap"]
 
 
 def stage_archive(spec: ModelSpec, stage: Path, worker_config: dict, pathway_config: dict) -> dict:

@@ -235,12 +235,13 @@ class PathwayHandler:
             self.metrics.rejected(error.code, responses.http_status(error))
             return
         if plan.job.explain:
-            seconds = time.perf_counter() - started
-            for result in (part for r in plan.job.results for part in r.targets):
-                method = result.document["explanation"]["method"]
-                self.metrics.explain_latency(method, seconds)
+            # the latency once per request (all its images and targets share one method); the sparsity per
+            # explanation, each target's pathway having its own
+            parts = [part for r in plan.job.results for part in r.targets]
+            self.metrics.explain_latency(parts[0].document["explanation"]["method"], time.perf_counter() - started)
+            for result in parts:
                 if result.realised_sparsity is not None:
-                    self.metrics.realised_sparsity(method, result.realised_sparsity)
+                    self.metrics.realised_sparsity(result.document["explanation"]["method"], result.realised_sparsity)
 
 
 def too_large(size: int, limit: int, plan: Plan) -> ResponseTooLarge:

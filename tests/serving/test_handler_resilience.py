@@ -327,6 +327,15 @@ def test_a_json_body_that_is_not_an_object_says_so(served):
     assert [json.loads(o)["message"].rsplit(" ", 1)[-1] for o in out] == ["5", "null", "True"]
 
 
+def test_an_explanation_request_is_one_latency_sample_whatever_its_targets_and_one_sparsity_per_target(
+        served, coffee):
+    h, context, cache = served
+    headers = [explain_headers(Targets="espresso,cup", Outputs="pathway"), explain_headers(Outputs="pathway")]
+    h.handle([{"body": bytearray(coffee)}] * 2, context(headers))
+    assert len(cache.values("pathway_explain_latency_seconds", method="pathway_gradient")) == 2
+    assert len(cache.values("pathway_realised_sparsity", method="pathway_gradient")) == 3
+
+
 def test_an_archive_names_classes_as_the_builtin_model_does(served, coffee):
     """The archive's spec reads the ImageNet names from its own labels.json: "crane" alone (the bird, renamed
     "crane bird" by torchvision, or the machine) stays ambiguous, and a label that differs from another only
