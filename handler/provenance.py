@@ -34,6 +34,8 @@ from typing import Mapping, Optional, Union
 import numpy as np
 import torch
 
+from .errors import shown
+
 PACKAGE = "pathway-explainer"
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: Written beside the package's code in a model archive (which has no ``.git``) by ``pathway-archive``.
@@ -150,7 +152,7 @@ def document_differences(given, recomputed, path: str = "") -> list:
     if isinstance(given, list) and isinstance(recomputed, list) and len(given) == len(recomputed):
         return [difference for i, (a, b) in enumerate(zip(given, recomputed))
                 for difference in document_differences(a, b, f"{path}[{i}]")]
-    return [] if given == recomputed else [f"{path} ({_brief(given)} instead of {_brief(recomputed)})"]
+    return [] if given == recomputed else [f"{path} ({shown(given, 40)} instead of {shown(recomputed, 40)})"]
 
 
 def _same_output(given: Mapping, recomputed: Mapping) -> bool:
@@ -167,15 +169,10 @@ def _same_output(given: Mapping, recomputed: Mapping) -> bool:
         if recomputed.get("media_type") == "image/png":
             return np.array_equal(np.asarray(Image.open(io.BytesIO(data))),
                                   np.asarray(Image.open(io.BytesIO(expected))))
-        shown, produced = np.load(io.BytesIO(data)), np.load(io.BytesIO(expected))
-        return shown.shape == produced.shape and np.array_equal(shown, produced.astype(shown.dtype))
+        sent, produced = np.load(io.BytesIO(data)), np.load(io.BytesIO(expected))
+        return sent.shape == produced.shape and np.array_equal(sent, produced.astype(sent.dtype))
     except Exception:  # noqa: BLE001 - an unreadable payload is a difference, whatever the decoder says
         return False
-
-
-def _brief(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def _plain(value):

@@ -429,7 +429,7 @@ def published_preprocessing(architecture: str) -> Optional[Preprocessing]:
 
 def _interpolation_name(name: Optional[str]) -> str:
     """One of the preprocessing's interpolations (``bilinear`` for what it does not offer, e.g. timm's ``random``)."""
-    return name if name in ("nearest", "bilinear", "bicubic") else "bilinear"
+    return name if name in INTERPOLATIONS else "bilinear"
 
 
 def weights_path(spec: ModelSpec) -> Optional[Path]:
